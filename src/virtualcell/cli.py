@@ -1,0 +1,202 @@
+"""The ``virtualcell`` command: every DAG step, runnable by hand with the arguments its rule uses.
+
+Each rule in workflow/rules/ runs exactly one of these subcommands, passing its
+config section as ``--params`` (JSON). By hand, ``--configfile`` reads the
+section from a config file instead (validated, with the schema's defaults).
+Bad input ends with one line, ``error: <file>: <problem>; <fix>``, and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from virtualcell.errors import InputError
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a config file and validate it against the workflow's schema, filling defaults."""
+    import yaml
+
+    from virtualcell.config import validate_config
+
+    with open(path) as handle:
+        config = yaml.safe_load(handle) or {}
+    return validate_config(config, origin=str(path))
+
+
+def _section(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    if args.params is not None:
+        try:
+            return json.loads(args.params)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--params: not valid JSON ({exc}); pass the config section as JSON") from None
+    config = load_config(args.configfile)
+    if name.startswith("datasets."):
+        dataset = name.split(".", 1)[1]
+        if dataset not in config["datasets"]:
+            raise InputError(f"{args.configfile}: no dataset '{dataset}' under datasets; add it or fix --dataset")
+        return config["datasets"][dataset]
+    return config[name]
+
+
+def _add(parser: argparse.ArgumentParser, *names: str, **kwargs: Any) -> None:
+    parser.add_argument(*names, required=kwargs.pop("required", True), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="virtualcell", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    def stage(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--params", help="the stage's config section as JSON (what the rule passes)")
+        p.add_argument("--configfile", default="config/config.yaml",
+                       help="read the section from this config instead of --params")
+        p.add_argument("--jobid", help="Snakemake job id, recorded as a run tag")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+        p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+        return p
+
+    p = stage("ingest", "read a dataset (or generate the synthetic one) into one .h5mu")
+    _add(p, "--dataset")
+    _add(p, "--output")
+
+    p = stage("qc", "QC metrics, filters, normalisation, HVGs")
+    _add(p, "--dataset")
+    _add(p, "--input")
+    _add(p, "--output")
+    _add(p, "--summary")
+    _add(p, "--figure")
+
+    p = stage("pair", "paired cells across modalities and the train/val/test split")
+    _add(p, "--dataset")
+    _add(p, "--input")
+    _add(p, "--output")
+    _add(p, "--split")
+
+    for name, help in (("embed", "train the RNA and joint RNA+protein count encoders"),):
+        p = stage(name, help)
+        _add(p, "--dataset")
+        _add(p, "--input")
+        _add(p, "--output")
+        _add(p, "--rna-model")
+        _add(p, "--joint-model")
+        _add(p, "--figure")
+        p.add_argument("--device", default="auto")
+
+    p = stage("align", "contrastive RNA <-> protein alignment into a shared space")
+    _add(p, "--dataset")
+    _add(p, "--input")
+    _add(p, "--embeddings")
+    _add(p, "--output")
+    _add(p, "--model")
+    _add(p, "--figure")
+    p.add_argument("--device", default="auto")
+
+    p = stage("simulate", "fit the dynamics in the shared space with one time point held out (or none)")
+    _add(p, "--dataset")
+    _add(p, "--holdout")
+    _add(p, "--input")
+    _add(p, "--output")
+    _add(p, "--figure")
+    p.add_argument("--device", default="auto")
+
+    p = stage("evaluate", "held-out time points and cross-modal retrieval against baselines")
+    _add(p, "--dataset")
+    _add(p, "--shared")
+    _add(p, "--simulator", action="append", metavar="HOLDOUT=PATH", help="repeat per holdout")
+    _add(p, "--output")
+    _add(p, "--figure")
+
+    p = stage("report", "register the final simulator in the MLflow model registry")
+    _add(p, "--dataset")
+    _add(p, "--simulator")
+    _add(p, "--shared")
+    _add(p, "--metrics")
+    _add(p, "--output")
+    _add(p, "--summary")
+    return parser
+
+
+# stage -> (config section, inputs, outputs, wildcards, call)
+def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str, str], Callable[..., None]]:
+    from virtualcell import stages
+
+    device = getattr(args, "device", "auto")
+    wildcards = {"dataset": args.dataset}
+    if args.stage == "ingest":
+        return (f"datasets.{args.dataset}", [], [args.output], wildcards,
+                lambda p, run: stages.ingest(dataset=args.dataset, spec=p, output=args.output, run=run))
+    if args.stage == "qc":
+        return ("qc", [args.input], [args.output, args.summary, args.figure], wildcards,
+                lambda p, run: stages.qc(input=args.input, output=args.output, summary=args.summary,
+                                         figure=args.figure, params=p, run=run))
+    if args.stage == "pair":
+        return ("pair", [args.input], [args.output, args.split], wildcards,
+                lambda p, run: stages.pair(input=args.input, output=args.output, split=args.split, params=p,
+                                           run=run))
+    if args.stage == "embed":
+        return ("embed", [args.input], [args.output, args.rna_model, args.joint_model, args.figure], wildcards,
+                lambda p, run: stages.embed(input=args.input, output=args.output, rna_model=args.rna_model,
+                                            joint_model=args.joint_model, figure=args.figure, params=p,
+                                            device=device, run=run))
+    if args.stage == "align":
+        return ("align", [args.input, args.embeddings], [args.output, args.model, args.figure], wildcards,
+                lambda p, run: stages.align(input=args.input, embeddings=args.embeddings, output=args.output,
+                                            model=args.model, figure=args.figure, params=p, device=device,
+                                            run=run))
+    if args.stage == "simulate":
+        return ("simulate", [args.input], [args.output, args.figure], wildcards | {"holdout": args.holdout},
+                lambda p, run: stages.simulate(input=args.input, holdout=args.holdout, output=args.output,
+                                               figure=args.figure, params=p, device=device, run=run))
+    if args.stage == "evaluate":
+        simulators = {}
+        for item in args.simulator:
+            holdout, sep, path = item.partition("=")
+            if not sep:
+                raise InputError(f"--simulator {item}: expected HOLDOUT=PATH")
+            simulators[holdout] = path
+        return ("evaluate", [args.shared, *simulators.values()], [args.output, args.figure], wildcards,
+                lambda p, run: stages.evaluate(shared=args.shared, simulators=simulators, output=args.output,
+                                               figure=args.figure, dataset=args.dataset, params=p, run=run))
+    if args.stage == "report":
+        return ("mlflow", [args.simulator, args.shared, args.metrics], [args.output, args.summary], wildcards,
+                lambda p, run: stages.register(simulator=args.simulator, shared=args.shared,
+                                               metrics=args.metrics, output=args.output, summary=args.summary,
+                                               dataset=args.dataset, params=p, run=run))
+    raise AssertionError(args.stage)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` and run one stage inside its MLflow child run."""
+    from virtualcell import tracking
+
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    section, inputs, outputs, wildcards, call = _plan(args)
+    params = _section(args, section)
+    with tracking.job_run(
+        rule=args.stage, wildcards=wildcards, params=params, inputs=inputs, outputs=outputs,
+        jobid=args.jobid, enabled=not args.no_tracking,
+    ) as job:
+        call(params, job)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

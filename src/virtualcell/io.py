@@ -1,0 +1,218 @@
+"""Readers and writers: every file the pipeline reads or writes goes through here.
+
+Readers turn a dataset's declared source into one :class:`mudata.MuData` with
+harmonised names (modalities ``rna`` and ``prot``, raw counts in
+``layers["counts"]``, obs columns ``time``, ``batch``, ``condition``,
+``celltype`` where the config names them). Writers are atomic: they write a
+temporary file in the destination folder and rename it, so an interrupted job
+never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import mudata as md
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from virtualcell.errors import InputError
+
+RNA = "rna"
+PROT = "prot"
+SPATIAL = "spatial"
+COUNTS_LAYER = "counts"
+# obs columns the rest of the pipeline reads, and the config key that names each source column
+OBS_KEYS = {"time": "time_key", "batch": "batch_key", "condition": "condition_key", "celltype": "celltype_key"}
+
+md.set_options(pull_on_update=False)
+
+
+# ---------------------------------------------------------------------------
+# atomic writers
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The suffix is kept so writers that dispatch on it (anndata, mudata, matplotlib) still work.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_h5mu(mdata: md.MuData, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: mdata.write(tmp))
+
+
+def write_h5ad(adata: ad.AnnData, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: adata.write_h5ad(tmp))
+
+
+def write_json(data: Mapping[str, Any], path: str | Path) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+
+
+def write_table(table: pd.DataFrame, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: table.to_csv(tmp, sep="\t"))
+
+
+def write_figure(figure: Any, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, bbox_inches="tight"))
+
+
+# ---------------------------------------------------------------------------
+# readers of the pipeline's own files
+
+
+def read_h5mu(path: str | Path) -> md.MuData:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found; check the path or rerun the step that writes it")
+    try:
+        return md.read_h5mu(path)
+    except Exception as exc:
+        raise InputError(
+            f"{path}: cannot be read as .h5mu ({type(exc).__name__}: {exc}); the file is corrupt or "
+            "truncated, write it again"
+        ) from None
+
+
+def read_h5ad(path: str | Path) -> ad.AnnData:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found; check the path or rerun the step that writes it")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:
+        raise InputError(
+            f"{path}: cannot be read as .h5ad ({type(exc).__name__}: {exc}); the file is corrupt or "
+            "truncated, write it again"
+        ) from None
+
+
+# ---------------------------------------------------------------------------
+# ingest: a dataset's declared source -> one harmonised MuData
+
+
+def read_dataset(name: str, spec: Mapping[str, Any]) -> md.MuData:
+    """Read dataset ``name`` as declared in the config's ``datasets`` section.
+
+    Parameters
+    ----------
+    name
+        The dataset's name (used in error messages).
+    spec
+        Its config entry: ``source`` plus ``path`` and the ``*_key`` columns.
+
+    Returns
+    -------
+    A MuData whose modalities are named ``rna`` (and ``prot`` when present),
+    with raw counts in ``X`` and ``layers["counts"]`` and standard obs columns.
+    """
+    source = spec["source"]
+    if source == "synthetic":
+        from virtualcell.synthetic import generate
+
+        mdata = generate(**spec.get("generator", {}))
+        spec = {"time_key": "time", "batch_key": "batch", "celltype_key": "fate", **spec}
+    else:
+        path = Path(spec.get("path") or "")
+        if not spec.get("path"):
+            raise InputError(f"config datasets.{name}.path: missing; source '{source}' needs a file path")
+        if not path.exists():
+            raise InputError(f"{path}: file not found (config datasets.{name}.path); fix the path")
+        if source == "h5ad":
+            mdata = _from_h5ad(read_h5ad(path), spec)
+        elif source == "h5mu":
+            mdata = read_h5mu(path)
+        else:
+            raise InputError(
+                f"config datasets.{name}.source: '{source}' has no reader yet; use synthetic, h5ad or h5mu"
+            )
+        if RNA not in mdata.mod:
+            raise InputError(
+                f"{path}: no '{RNA}' modality (found {sorted(mdata.mod)}); name the expression modality 'rna'"
+            )
+    return harmonise(mdata, spec, origin=str(spec.get("path") or f"synthetic dataset {name}"))
+
+
+def _from_h5ad(adata: ad.AnnData, spec: Mapping[str, Any]) -> md.MuData:
+    mods = {RNA: adata}
+    key = spec.get("protein_obsm_key")
+    if key:
+        if key not in adata.obsm:
+            raise InputError(
+                f"{spec['path']}: obsm has no '{key}' (found {sorted(adata.obsm)}); fix "
+                "protein_obsm_key in the config"
+            )
+        prot = adata.obsm[key]
+        prot = prot if isinstance(prot, pd.DataFrame) else pd.DataFrame(prot, index=adata.obs_names)
+        mods[PROT] = ad.AnnData(
+            X=sp.csr_matrix(prot.to_numpy(dtype=np.float32)),
+            obs=pd.DataFrame(index=adata.obs_names),
+            var=pd.DataFrame(index=[str(c) for c in prot.columns]),
+        )
+        adata = adata.copy()
+        del adata.obsm[key]
+        mods[RNA] = adata
+    return md.MuData(mods)
+
+
+def harmonise(mdata: md.MuData, spec: Mapping[str, Any], *, origin: str) -> md.MuData:
+    """Standardise names, keep raw counts in a layer and check they are counts."""
+    for mod_name in (RNA, PROT):
+        if mod_name not in mdata.mod:
+            continue
+        adata = mdata.mod[mod_name]
+        counts = adata.layers[COUNTS_LAYER] if COUNTS_LAYER in adata.layers else adata.X
+        counts = sp.csr_matrix(counts, dtype=np.float32)
+        check_counts(counts, origin=f"{origin} [{mod_name}]")
+        adata.X = counts
+        adata.layers[COUNTS_LAYER] = counts.copy()
+        adata.var_names_make_unique()
+        if adata.obs_names.has_duplicates:
+            dup = adata.obs_names[adata.obs_names.duplicated()][0]
+            raise InputError(
+                f"{origin}: duplicate cell barcode '{dup}' in modality {mod_name}; make obs names unique"
+            )
+        for std, key in OBS_KEYS.items():
+            column = spec.get(key)
+            if column and column in adata.obs:
+                adata.obs[std] = adata.obs[column]
+        if "time" in adata.obs:
+            times = pd.to_numeric(adata.obs["time"], errors="coerce")
+            if times.isna().any():
+                raise InputError(
+                    f"{origin}: time column '{spec.get('time_key')}' has non-numeric values; "
+                    "store time as numbers (e.g. days)"
+                )
+            adata.obs["time"] = times.astype(float)
+    mdata.update()
+    return mdata
+
+
+def check_counts(counts: sp.csr_matrix, *, origin: str) -> None:
+    """Counts must be finite, non-negative integers."""
+    data = counts.data
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{origin}: counts contain NaN or infinite values; provide raw counts")
+    if (data < 0).any():
+        raise InputError(f"{origin}: counts contain negative values; provide raw (unnormalised) counts")
+    if not np.all(np.equal(np.mod(data, 1), 0)):
+        raise InputError(
+            f"{origin}: counts are not integers (normalised data?); provide raw counts or put them in layers['counts']"
+        )

@@ -1,0 +1,444 @@
+"""One function per DAG node: read inputs, call the method modules, write outputs atomically, log.
+
+Each function is what a Snakemake rule runs (through ``virtualcell <stage>``)
+and what a user runs by hand. Methods live in their own modules (``qc``,
+``pairing``, ``models``, ``evaluate``); this module only wires files to them
+and reports through the :class:`virtualcell.tracking.JobRun` it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from virtualcell import io
+from virtualcell.errors import InputError
+from virtualcell.io import COUNTS_LAYER, PROT, RNA
+from virtualcell.tracking import JobRun
+
+EMBED_RNA = "X_rna"
+EMBED_JOINT = "X_joint"
+SHARED = "X_shared"
+SHARED_RNA = "X_shared_rna"
+SHARED_PROT = "X_shared_prot"
+PROT_CLR = "X_prot_clr"
+NO_HOLDOUT = "none"
+# obs columns carried from the paired data into the embedding files
+CARRIED_OBS = ("split", "time", "batch", "condition", "celltype", "fate")
+
+
+def say(message: str) -> None:
+    """Progress for the job's log."""
+    print(f"[virtualcell] {message}", file=sys.stderr, flush=True)
+
+
+def holdout_label(time: float) -> str:
+    """The {holdout} wildcard of a time point: 2.0 -> '2', 0.5 -> '0.5'."""
+    return f"{float(time):g}"
+
+
+def _dense(x: Any) -> np.ndarray:
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------------------
+
+
+def ingest(*, dataset: str, spec: Mapping[str, Any], output: str, run: JobRun) -> None:
+    say(f"ingest {dataset} from {spec['source']}")
+    mdata = io.read_dataset(dataset, spec)
+    summary = {
+        "cells": int(mdata.n_obs),
+        **{f"{name}.cells": int(a.n_obs) for name, a in mdata.mod.items()},
+        **{f"{name}.features": int(a.n_vars) for name, a in mdata.mod.items()},
+    }
+    if PROT in mdata.mod:
+        paired = mdata.mod[RNA].obs_names.intersection(mdata.mod[PROT].obs_names)
+        summary["prot.paired_fraction"] = len(paired) / max(mdata.mod[RNA].n_obs, 1)
+    run.log_metrics({f"ingest.{k}": v for k, v in summary.items()})
+    run.log_dict(summary, "ingest_summary.json")
+    io.write_h5mu(mdata, output)
+    say(f"wrote {output}: {summary}")
+
+
+def qc(*, input: str, output: str, summary: str, figure: str, params: Mapping[str, Any], run: JobRun) -> None:
+    from virtualcell.qc import qc_figure, run_qc
+
+    mdata = io.read_h5mu(input)
+    say(f"qc on {mdata.mod[RNA].n_obs} cells x {mdata.mod[RNA].n_vars} genes")
+    filtered, result = run_qc(mdata, origin=input, **params)
+    run.log_metrics({f"qc.{k}": v for k, v in result.items()})
+    run.log_dict(result, "qc.json")
+    fig = qc_figure(mdata, filtered, params)
+    run.log_figure(fig, "qc.png")
+    io.write_figure(fig, figure)
+    io.write_json(result, summary)
+    io.write_h5mu(filtered, output)
+    say(f"kept {result['cells_out']}/{result['cells_in']} cells, {result['highly_variable_genes']} HVGs")
+
+
+def pair(*, input: str, output: str, split: str, params: Mapping[str, Any], run: JobRun) -> None:
+    from virtualcell.pairing import pair as pair_cells
+
+    mdata = io.read_h5mu(input)
+    paired = pair_cells(mdata, origin=input, **params)
+    counts = paired.obs["split"].value_counts()
+    run.log_metrics({f"pair.{s}_cells": int(n) for s, n in counts.items()} | {"pair.cells": paired.n_obs})
+    table = paired.obs[["split"]].copy()
+    run.log_table(table, "split.tsv")
+    io.write_table(table, split)
+    io.write_h5mu(paired, output)
+    say(f"paired {paired.n_obs} cells: {counts.to_dict()}")
+
+
+def _model_inputs(paired) -> tuple[np.ndarray, np.ndarray | None, pd.DataFrame]:
+    rna = paired.mod[RNA]
+    hvg = rna.var["highly_variable"].to_numpy() if "highly_variable" in rna.var else slice(None)
+    x_rna = _dense(rna.layers[COUNTS_LAYER][:, hvg])
+    x_prot = _dense(paired.mod[PROT].layers[COUNTS_LAYER]) if PROT in paired.mod else None
+    obs = rna.obs[[c for c in CARRIED_OBS if c in rna.obs]].copy()
+    return x_rna, x_prot, obs
+
+
+def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: str,
+          params: Mapping[str, Any], device: str, run: JobRun) -> None:
+    from virtualcell.models.vae import CountEncoder
+
+    if params["method"] != "nb_vae":
+        raise InputError(f"config embed.method: unknown method '{params['method']}'; use nb_vae")
+    paired = io.read_h5mu(input)
+    x_rna, x_prot, obs = _model_inputs(paired)
+    train = (obs["split"] == "train").to_numpy()
+    val = (obs["split"] == "val").to_numpy()
+    module_kwargs = {k: params[k] for k in ("n_latent", "n_hidden", "n_layers", "dropout")}
+    fit_kwargs = {k: params[k] for k in ("epochs", "batch_size", "lr", "seed")}
+    blocks = {"rna": (x_rna, [x_rna.shape[1]], rna_model, EMBED_RNA)}
+    if x_prot is not None and params["joint"]:
+        joint = np.concatenate([x_rna, x_prot], axis=1)
+        blocks["joint"] = (joint, [x_rna.shape[1], x_prot.shape[1]], joint_model, EMBED_JOINT)
+    out = ad.AnnData(obs=obs)
+    histories = {}
+    for name, (x, sizes, path, key) in blocks.items():
+        say(f"embed: training the {name} NB-VAE on {int(train.sum())} cells x {x.shape[1]} features")
+        model = CountEncoder(sizes, **module_kwargs)
+        histories[name] = model.fit(
+            x[train], x_val=x[val] if val.any() else None, device=device,
+            on_epoch=run.epoch_logger(f"embed.{name}"), **fit_kwargs,
+        )
+        out.obsm[key] = model.encode(x)
+        io.atomic_write(path, model.save)
+        run.log_artifact(path, artifact_path="models")
+    if "joint" not in blocks:
+        # No protein: the joint encoder is the RNA encoder, stated rather than hidden.
+        io.atomic_write(joint_model, lambda tmp: tmp.write_bytes(Path(rna_model).read_bytes()))
+        out.obsm[EMBED_JOINT] = out.obsm[EMBED_RNA]
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, history in histories.items():
+        ax.plot([h["loss"] for h in history], label=f"{name} train")
+        if "val_loss" in history[0]:
+            ax.plot([h["val_loss"] for h in history], "--", label=f"{name} val")
+    ax.set(xlabel="epoch", ylabel="loss (NB NLL + KL)", yscale="log", title="embedding training")
+    ax.legend()
+    run.log_figure(fig, "embed_loss.png")
+    io.write_figure(fig, figure)
+    io.write_h5ad(out, output)
+
+
+def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
+          params: Mapping[str, Any], device: str, run: JobRun) -> None:
+    from virtualcell.evaluate import retrieval_metrics
+    from virtualcell.models.contrastive import Aligner
+
+    if params["method"] != "clip":
+        raise InputError(f"config align.method: unknown method '{params['method']}'; use clip")
+    paired = io.read_h5mu(input)
+    if PROT not in paired.mod:
+        raise InputError(f"{input}: no '{PROT}' modality; RNA <-> protein alignment needs protein counts")
+    emb = io.read_h5ad(embeddings)
+    xa = np.asarray(emb.obsm[EMBED_RNA], dtype=np.float32)
+    xb = _dense(paired.mod[PROT][emb.obs_names].X)
+    split = emb.obs["split"].to_numpy()
+    train, val = split == "train", split == "val"
+    aligner = Aligner(
+        {"rna": xa.shape[1], "prot": xb.shape[1]},
+        n_shared=params["n_shared"], n_hidden=params["n_hidden"], dropout=params["dropout"],
+        init_temperature=params["temperature"], learn_temperature=params["learn_temperature"],
+    )
+    say(f"align: CLIP RNA latent ({xa.shape[1]}) <-> protein CLR ({xb.shape[1]}) on {int(train.sum())} cells")
+    history = aligner.fit(
+        xa[train], xb[train], xa_val=xa[val] if val.any() else None, xb_val=xb[val] if val.any() else None,
+        epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"], seed=params["seed"],
+        device=device, on_epoch=run.epoch_logger("align"),
+    )
+    za, zb = aligner.embed("rna", xa), aligner.embed("prot", xb)
+    both = za + zb
+    out = ad.AnnData(obs=emb.obs.copy())
+    out.obsm[SHARED_RNA], out.obsm[SHARED_PROT] = za, zb
+    out.obsm[EMBED_RNA], out.obsm[PROT_CLR] = xa, xb
+    out.obsm[SHARED] = both / np.linalg.norm(both, axis=1, keepdims=True).clip(1e-12)
+    test = split == "test"
+    metrics = retrieval_metrics(za[test], zb[test]) if test.sum() > 5 else {}
+    run.log_metrics({f"align.test_{k}": v for k, v in metrics.items()})
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([h["loss"] for h in history], label="train")
+    if "val_loss" in history[0]:
+        ax.plot([h["val_loss"] for h in history], "--", label="val")
+    ax.set(xlabel="epoch", ylabel="symmetric InfoNCE", title="RNA <-> protein alignment")
+    ax.legend()
+    run.log_figure(fig, "align_loss.png")
+    io.atomic_write(model, aligner.save)
+    run.log_artifact(model, artifact_path="models")
+    io.write_figure(fig, figure)
+    io.write_h5ad(out, output)
+    say(f"align: test retrieval {metrics}")
+
+
+def observed_times(obs: pd.DataFrame, *, origin: str) -> np.ndarray:
+    if "time" not in obs:
+        raise InputError(f"{origin}: no time labels (obs 'time'); set time_key for the dataset in the config")
+    times = np.unique(obs["time"].to_numpy(dtype=float))
+    if len(times) < 3:
+        raise InputError(
+            f"{origin}: {len(times)} time point(s) {list(times)}; the simulator needs at least 3"
+        )
+    return times
+
+
+def parse_holdout(holdout: str, times: np.ndarray, *, origin: str) -> float | None:
+    """None for the model trained on every time point; else the held-out time, which must be interior."""
+    if holdout == NO_HOLDOUT:
+        return None
+    matches = [t for t in times if holdout_label(t) == holdout]
+    interior = [holdout_label(t) for t in times[1:-1]]
+    if not matches or matches[0] in (times[0], times[-1]):
+        raise InputError(
+            f"{origin}: held-out time point '{holdout}' is not an interior time point; choose from {interior}"
+        )
+    return float(matches[0])
+
+
+def simulate(*, input: str, holdout: str, output: str, figure: str, params: Mapping[str, Any],
+             device: str, run: JobRun) -> None:
+    from virtualcell.models.dynamics import Simulator
+
+    if params["method"] != "ot_cfm":
+        raise InputError(f"config simulate.method: unknown method '{params['method']}'; use ot_cfm")
+    shared = io.read_h5ad(input)
+    times = observed_times(shared.obs, origin=input)
+    held = parse_holdout(holdout, times, origin=input)
+    t = shared.obs["time"].to_numpy(dtype=float)
+    x = np.asarray(shared.obsm[SHARED], dtype=np.float32)
+    keep = t != held if held is not None else np.ones(len(t), bool)
+    say(f"simulate: OT flow matching on {int(keep.sum())} cells at times {sorted(set(t[keep]))}"
+        f" (held out: {holdout})")
+    sim = Simulator(x.shape[1], n_hidden=params["n_hidden"], n_layers=params["n_layers"],
+                    potential=params["potential"])
+    sim.fit(x[keep], t[keep], epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"],
+            sigma=params["sigma"], seed=params["seed"], device=device, on_epoch=run.epoch_logger("simulate"))
+    io.atomic_write(output, sim.save)
+    run.log_artifact(output, artifact_path="models")
+    fig = trajectory_figure(sim, x, t, held=held, n_steps=params["n_steps"])
+    run.log_figure(fig, "trajectories.png")
+    io.write_figure(fig, figure)
+
+
+def trajectory_figure(sim, x: np.ndarray, t: np.ndarray, *, held: float | None, n_steps: int):
+    """Cells in the first two PCs of the shared space, coloured by time, with simulated paths."""
+    from sklearn.decomposition import PCA
+
+    plt = _figure()
+    pca = PCA(n_components=2, random_state=0).fit(x)
+    times = np.unique(t)
+    rng = np.random.default_rng(0)
+    start = x[t == times[0]]
+    start = start[rng.choice(len(start), size=min(30, len(start)), replace=False)]
+    path = [start]
+    for t0, t1 in zip(times[:-1], times[1:], strict=True):
+        path.append(sim.simulate(path[-1], t0=float(t0), t1=float(t1), n_steps=max(n_steps // len(times), 5)))
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    pc = pca.transform(x)
+    sca = ax.scatter(pc[:, 0], pc[:, 1], c=t, s=3, cmap="viridis", alpha=0.5)
+    if held is not None:
+        h = t == held
+        ax.scatter(pc[h, 0], pc[h, 1], s=3, c="crimson", alpha=0.5, label=f"held out t={held:g}")
+        ax.legend(loc="best")
+    lines = np.stack([pca.transform(p) for p in path], axis=1)
+    for line in lines:
+        ax.plot(line[:, 0], line[:, 1], color="black", linewidth=0.6, alpha=0.7)
+    fig.colorbar(sca, ax=ax, label="time")
+    ax.set(xlabel="PC1 (shared space)", ylabel="PC2", title="simulated trajectories")
+    return fig
+
+
+def evaluate(*, shared: str, simulators: Mapping[str, str], output: str, figure: str, dataset: str,
+             params: Mapping[str, Any], run: JobRun) -> None:
+    from virtualcell import evaluate as ev
+    from virtualcell.models.dynamics import Simulator
+
+    data = io.read_h5ad(shared)
+    obs = data.obs
+    split = obs["split"].to_numpy()
+    train, test = split == "train", split == "test"
+    seed, max_points = params["seed"], params["max_points"]
+    metrics: dict[str, Any] = {"dataset": dataset}
+
+    if SHARED_PROT in data.obsm and test.sum() > 5:
+        za, zb = data.obsm[SHARED_RNA], data.obsm[SHARED_PROT]
+        xa, xb = np.asarray(data.obsm[EMBED_RNA]), np.asarray(data.obsm[PROT_CLR])
+        cca = ev.cca_embedding(xa[train], xb[train], xa[test], xb[test], n_components=za.shape[1])
+        metrics["alignment"] = {"rna-prot": ev.compare_retrieval({
+            "model": (za[test], zb[test]),
+            "cca": cca,
+            "random": ev.random_embedding(za[test], seed=seed),
+        })}
+
+    holdouts = {h: p for h, p in simulators.items() if h != NO_HOLDOUT}
+    if holdouts:
+        x = np.asarray(data.obsm[SHARED], dtype=np.float64)
+        t = obs["time"].to_numpy(dtype=float)
+        times = observed_times(obs, origin=shared)
+        per_holdout: dict[str, dict[str, dict[str, float]]] = {}
+        for label, path in sorted(holdouts.items()):
+            held = parse_holdout(label, times, origin=shared)
+            prev, nxt = times[times < held].max(), times[times > held].min()
+            x_prev, x_true, x_next = x[t == prev], x[t == held], x[t == nxt]
+            alpha = (held - prev) / (nxt - prev)
+            sim = Simulator.load(path)
+            predictions = {
+                "model": sim.simulate(x_prev.astype(np.float32), t0=float(prev), t1=float(held),
+                                      n_steps=params["n_steps"]),
+                "ot_interp": ev.ot_interpolate(x_prev, x_next, alpha, n=len(x_true), seed=seed),
+                "copy_prev": x_prev,
+                "copy_next": x_next,
+                "random_coupling": ev.random_coupling_interpolate(x_prev, x_next, alpha, n=len(x_true),
+                                                                  seed=seed),
+            }
+            dists = {m: ev.distribution_distances(p, x_true, seed=seed) for m, p in predictions.items()}
+            dists["noise_floor"] = ev.noise_floor(x_true, seed=seed)
+            per_holdout[label] = {
+                f"{d}_shared": {m: v[d] for m, v in dists.items()} for d in ("w1", "w2", "mmd")
+            }
+            say(f"evaluate: holdout t={label}: W1 model {dists['model']['w1']:.4f}, "
+                f"OT interpolation {dists['ot_interp']['w1']:.4f}, noise floor {dists['noise_floor']['w1']:.4f}")
+        first = next(iter(per_holdout.values()))
+        mean = {
+            d: {m: float(np.mean([per_holdout[h][d][m] for h in per_holdout])) for m in first[d]} for d in first
+        }
+        metrics["simulation"] = {"space": "shared", "holdouts": per_holdout, "mean": mean}
+
+    truth = truth_scores(data, train=train, test=test, seed=seed)
+    if truth:
+        metrics["truth"] = truth
+    run.log_metrics(_flat_metrics(metrics))
+    run.log_dict(metrics, "metrics.json")
+    fig = metrics_figure(metrics)
+    run.log_figure(fig, "evaluation.png")
+    io.write_figure(fig, figure)
+    io.write_json(metrics, output)
+
+
+def truth_scores(data: ad.AnnData, *, train: np.ndarray, test: np.ndarray, seed: int) -> dict[str, float]:
+    """On synthetic data: how well the shared space separates the true fates (held-out cells)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    if "fate" not in data.obs or test.sum() < 10:
+        return {}
+    fate = data.obs["fate"].astype(str).to_numpy()
+    names = sorted(f for f in set(fate) if f.startswith("fate"))
+    if len(names) < 2:
+        return {}
+    keep = np.isin(fate, names[:2])
+    y = fate == names[0]
+    x = np.asarray(data.obsm[SHARED])
+    fit, score = train & keep, test & keep
+    if len(set(y[fit])) < 2 or len(set(y[score])) < 2:
+        return {}
+    clf = LogisticRegression(max_iter=1000, random_state=seed).fit(x[fit], y[fit])
+    return {"fate_auroc": float(roc_auc_score(y[score], clf.predict_proba(x[score])[:, 1]))}
+
+
+def _flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for k, v in metrics.items():
+        name = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, Mapping):
+            flat.update(_flat_metrics(v, name))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            flat[name.replace("-", "_")] = float(v)
+    return flat
+
+
+def metrics_figure(metrics: Mapping[str, Any]):
+    plt = _figure()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    sim = metrics.get("simulation")
+    if sim:
+        labels = list(sim["holdouts"])
+        methods = list(sim["mean"]["w1_shared"])
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            axes[0].bar(np.arange(len(labels)) + i * width,
+                        [sim["holdouts"][h]["w1_shared"][method] for h in labels], width, label=method)
+        axes[0].set_xticks(np.arange(len(labels)) + 0.4 - width / 2, [f"t={h}" for h in labels])
+        axes[0].set(ylabel="W1 to held-out cells (shared space)", title="held-out time points")
+        axes[0].legend(fontsize=7)
+    align_metrics = metrics.get("alignment", {}).get("rna-prot")
+    if align_metrics:
+        names = ["top1", "top5", "foscttm"]
+        methods = list(align_metrics["top1"])
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            axes[1].bar(np.arange(len(names)) + i * width, [align_metrics[n][method] for n in names], width,
+                        label=method)
+        axes[1].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
+        axes[1].set(title="RNA <-> protein retrieval (test cells)")
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def register(*, simulator: str, shared: str, metrics: str, output: str, summary: str, dataset: str,
+             params: Mapping[str, Any], run: JobRun) -> None:
+    """Log the final simulator as a pyfunc model and register it as ``virtualcell-{dataset}``."""
+    from virtualcell.tracking import simulator_input_example
+
+    data = io.read_h5ad(shared)
+    t = data.obs["time"].to_numpy(dtype=float) if "time" in data.obs else np.zeros(data.n_obs)
+    example = simulator_input_example(np.asarray(data.obsm[SHARED])[:5], t_start=float(np.min(t)), horizon=1.0)
+    name = f"virtualcell-{dataset}" if params["register"] else None
+    uri = run.log_simulator(simulator, name="virtualcell", registered_model_name=name, input_example=example)
+    values = json.loads(Path(metrics).read_text())
+    rows = []
+    for d, by_method in values.get("simulation", {}).get("mean", {}).items():
+        rows += [{"section": "simulation (mean over holdouts)", "metric": d, "method": m, "value": v}
+                 for m, v in by_method.items()]
+    for d, by_method in values.get("alignment", {}).get("rna-prot", {}).items():
+        rows += [{"section": "alignment rna-prot", "metric": d, "method": m, "value": v}
+                 for m, v in by_method.items()]
+    for d, v in values.get("truth", {}).items():
+        rows.append({"section": "ground truth", "metric": d, "method": "model", "value": v})
+    table = pd.DataFrame(rows)
+    run.log_table(table, "summary.tsv")
+    io.write_table(table, summary)
+    io.write_json({"dataset": dataset, "model_uri": uri, "registered_model": name,
+                   "state_dim": int(data.obsm[SHARED].shape[1])}, output)
+    say(f"registered {name} ({uri})")

@@ -1,0 +1,476 @@
+"""All MLflow code of virtualcell lives here and nowhere else.
+
+How runs are laid out (see DESIGN.md, "MLflow contract"):
+
+- one experiment per config (``mlflow.experiment``);
+- one *parent* run per workflow invocation, opened by the main Snakemake
+  process (``onstart``) and closed by ``onsuccess``/``onerror``; its id is
+  written to a file that every job reads, because jobs run as separate
+  processes (and on SLURM, on other nodes sharing the filesystem);
+- one *child* run per job, opened by :func:`job_run` around the job's work;
+  it logs the job's config section as params, the sha256 and size of every
+  input and output file, metrics, figures, tables and models, and ends
+  FAILED with the error text when the job raises;
+- each job writes its run id beside each of its outputs (``.<name>.mlflow_run``)
+  so a downstream job can tag the runs whose outputs it consumed (lineage).
+
+The tracking settings travel to jobs as environment variables set by the
+Snakefile (``VIRTUALCELL_TRACKING_URI``, ``VIRTUALCELL_EXPERIMENT``,
+``VIRTUALCELL_PARENT_RUN_FILE``), so changing them never triggers a rerun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+ENV_TRACKING_URI = "VIRTUALCELL_TRACKING_URI"
+ENV_EXPERIMENT = "VIRTUALCELL_EXPERIMENT"
+ENV_PARENT_RUN_FILE = "VIRTUALCELL_PARENT_RUN_FILE"
+DEFAULT_EXPERIMENT = "virtualcell"
+DEFAULT_STORE = "results/mlflow.db"
+DEFAULT_ARTIFACTS = "results/mlartifacts"
+LINEAGE_SUFFIX = ".mlflow_run"
+# SQLite serialises writers; parallel jobs wait on the lock instead of failing.
+SQLITE_TIMEOUT_S = 120
+
+TAG_RULE = "virtualcell.rule"
+TAG_WILDCARDS = "virtualcell.wildcards"
+TAG_JOBID = "snakemake.jobid"
+TAG_UPSTREAM = "virtualcell.upstream_runs"
+TAG_ERROR = "virtualcell.error"
+TAG_GIT = "mlflow.source.git.commit"
+TAG_KIND = "virtualcell.kind"
+
+
+def resolve_tracking_uri(configured: str | None = None, *, workdir: str | Path = ".") -> str:
+    """Return the tracking URI: config value, else ``MLFLOW_TRACKING_URI``, else the local store.
+
+    A relative SQLite path is made absolute against ``workdir`` so jobs that
+    run elsewhere (another node, another working directory) write to the
+    same store, and a lock timeout is added so parallel jobs queue on the
+    SQLite lock instead of failing.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+    if uri.startswith("sqlite:///"):
+        path, _, query = uri[len("sqlite:///") :].partition("?")
+        if not os.path.isabs(path):
+            path = str((Path(workdir) / path).resolve())
+        if "timeout=" not in query:
+            query = "&".join(q for q in (query, f"timeout={SQLITE_TIMEOUT_S}") if q)
+        uri = f"sqlite:///{path}?{query}"
+    elif "://" not in uri:
+        # A bare folder is MLflow's file store; keep it absolute for the same reason.
+        uri = str(Path(workdir, uri).resolve())
+    return uri
+
+
+def _local_artifact_location(uri: str) -> str | None:
+    """Artifacts of a local SQLite store sit beside it under ``mlartifacts``."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :].partition("?")[0])
+        return (db.parent / Path(DEFAULT_ARTIFACTS).name).as_uri()
+    return None
+
+
+def _configure(uri: str | None, experiment: str | None) -> str:
+    """Point MLflow at the store and experiment; return the experiment id."""
+
+    uri = uri or os.environ.get(ENV_TRACKING_URI) or resolve_tracking_uri()
+    experiment = experiment or os.environ.get(ENV_EXPERIMENT) or DEFAULT_EXPERIMENT
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :].partition("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        experiment_id = found.experiment_id
+    else:
+        try:
+            experiment_id = mlflow.create_experiment(
+                experiment, artifact_location=_local_artifact_location(uri)
+            )
+        except Exception:
+            # Another process created it between our lookup and create.
+            found = mlflow.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+            experiment_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def check_reachable(uri: str, *, timeout_s: float = 10.0) -> None:
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).read()
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        raise RuntimeError(
+            f"MLflow tracking server {uri} is not reachable ({exc}); start it "
+            "(see README, 'Tracking server') or set mlflow.tracking_uri / MLFLOW_TRACKING_URI"
+        ) from None
+
+
+def git_commit(path: str | Path = ".") -> str | None:
+    """The commit of the workflow's checkout, or None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# ---------------------------------------------------------------------------
+# parent run: one per workflow invocation
+
+
+def start_workflow_run(
+    *, uri: str, experiment: str, parent_run_file: str | Path, config: Mapping[str, Any],
+    workdir: str | Path = ".",
+) -> str:
+    """Open the parent run of a workflow invocation and write its id for the jobs."""
+
+    check_reachable(uri)
+    _configure(uri, experiment)
+    tags = {TAG_KIND: "workflow"}
+    commit = git_commit(workdir)
+    if commit:
+        tags[TAG_GIT] = commit
+    run = mlflow.start_run(run_name=f"workflow-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+    mlflow.log_dict(dict(config), "config.json")
+    _atomic_write_text(Path(parent_run_file), run.info.run_id)
+    mlflow.end_run(status="RUNNING")
+    return run.info.run_id
+
+
+def end_workflow_run(*, uri: str, parent_run_file: str | Path, status: str,
+                     log: str | Iterable[str] | None = None) -> None:
+    """Close the parent run (FINISHED or FAILED) and attach the Snakemake log(s)."""
+    from mlflow.tracking import MlflowClient
+
+    path = Path(parent_run_file)
+    if not path.exists():
+        return
+    client = MlflowClient(tracking_uri=uri)
+    run_id = path.read_text().strip()
+    for path in [log] if isinstance(log, str) else (log or []):
+        if Path(path).exists():
+            client.log_artifact(run_id, str(path), artifact_path="snakemake")
+    client.set_terminated(run_id, status=status)
+
+
+# ---------------------------------------------------------------------------
+# child runs: one per job
+
+
+class JobRun:
+    """The handle a stage logs through; wraps one active MLflow run.
+
+    Stage code receives it and never imports mlflow itself.
+    """
+
+    def __init__(self, run_id: str | None):
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any], *, prefix: str = "") -> None:
+
+        flat = _flatten(params, prefix)
+        # MLflow caps a batch at 100 params and a value at 6000 characters.
+        items = [(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int | None = None) -> None:
+
+        clean = {k: float(v) for k, v in _flatten(metrics).items() if _is_number(v)}
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    def epoch_logger(self, prefix: str) -> Callable[[int, Mapping[str, float]], None]:
+        """A training-loop hook that logs per-epoch metrics under ``prefix``."""
+
+        def hook(epoch: int, metrics: Mapping[str, float]) -> None:
+            self.log_metrics({f"{prefix}.{k}": v for k, v in metrics.items()}, step=epoch)
+
+        return hook
+
+    def log_figure(self, figure: Any, name: str) -> None:
+
+        mlflow.log_figure(figure, name)
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+
+        mlflow.log_dict(dict(data), name)
+
+    def log_table(self, table: Any, name: str) -> None:
+        """Log a pandas DataFrame as a TSV artifact."""
+
+        mlflow.log_text(table.to_csv(sep="\t", index=True), name)
+
+    def log_artifact(self, path: str | Path, *, artifact_path: str | None = None) -> None:
+
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_simulator(self, checkpoint: str | Path, *, name: str, registered_model_name: str | None,
+                      input_example: Any) -> str:
+        """Log the virtual cell as a pyfunc model, registered when a name is given."""
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=VirtualCellModel(),
+            artifacts={"simulator": str(checkpoint)},
+            input_example=input_example,
+            registered_model_name=registered_model_name,
+            pip_requirements=_pip_requirements(),
+        )
+        return info.model_uri
+
+
+class NullRun(JobRun):
+    """Used when a stage is run by hand with ``--no-tracking``: logs nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def log_params(self, params, *, prefix=""):  # noqa: D102
+        pass
+
+    def log_metrics(self, metrics, *, step=None):  # noqa: D102
+        pass
+
+    def log_figure(self, figure, name):  # noqa: D102
+        pass
+
+    def log_dict(self, data, name):  # noqa: D102
+        pass
+
+    def log_table(self, table, name):  # noqa: D102
+        pass
+
+    def log_artifact(self, path, *, artifact_path=None):  # noqa: D102
+        pass
+
+    def set_tags(self, tags):  # noqa: D102
+        pass
+
+    def log_simulator(self, checkpoint, *, name, registered_model_name, input_example):  # noqa: D102
+        return ""
+
+
+@contextlib.contextmanager
+def job_run(
+    *,
+    rule: str,
+    wildcards: Mapping[str, str],
+    params: Mapping[str, Any],
+    inputs: Iterable[str | Path],
+    outputs: Iterable[str | Path],
+    jobid: str | None = None,
+    uri: str | None = None,
+    experiment: str | None = None,
+    parent_run_file: str | Path | None = None,
+    enabled: bool = True,
+) -> Iterator[JobRun]:
+    """Open the child run of one job around its work.
+
+    On success the outputs are hashed and their lineage files written; on an
+    exception the run ends FAILED with the error text and the exception
+    propagates (so Snakemake sees the job fail).
+    """
+    if not enabled:
+        yield NullRun()
+        return
+
+    inputs = [Path(p) for p in inputs]
+    outputs = [Path(p) for p in outputs]
+    _configure(uri, experiment)
+    parent_file = parent_run_file or os.environ.get(ENV_PARENT_RUN_FILE)
+    parent_id = None
+    if parent_file and Path(parent_file).exists():
+        parent_id = Path(parent_file).read_text().strip() or None
+    upstream = sorted({r for p in inputs if (r := read_lineage(p))})
+    tags = {
+        TAG_KIND: "job",
+        TAG_RULE: rule,
+        TAG_WILDCARDS: json.dumps(dict(wildcards), sort_keys=True),
+        TAG_UPSTREAM: ",".join(upstream),
+        **{f"wildcard.{k}": v for k, v in wildcards.items()},
+    }
+    if jobid is not None:
+        tags[TAG_JOBID] = str(jobid)
+    commit = git_commit()
+    if commit:
+        tags[TAG_GIT] = commit
+    run_name = "-".join([rule, *[str(v) for v in wildcards.values()]])
+    active = _with_retry(
+        lambda: mlflow.start_run(run_name=run_name, parent_run_id=parent_id, tags=tags)
+    )
+    handle = JobRun(active.info.run_id)
+    try:
+        handle.log_params(params)
+        handle.log_dict(describe_files(inputs), "files/inputs.json")
+        yield handle
+        missing = [str(p) for p in outputs if not p.exists()]
+        if missing:
+            raise RuntimeError(f"job {rule} finished without writing {', '.join(missing)}")
+        files = describe_files(outputs)
+        handle.log_dict(files, "files/outputs.json")
+        handle.set_tags({f"output.{Path(k).name}.sha256": v["sha256"] for k, v in files.items()})
+        for p in outputs:
+            write_lineage(p, active.info.run_id)
+    except BaseException as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        try:
+            mlflow.set_tag(TAG_ERROR, message[:5000])
+            mlflow.log_text(message, "error.txt")
+        finally:
+            mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def _with_retry(call: Callable[[], Any], attempts: int = 5) -> Any:
+    """SQLite can still report a lock past its timeout under heavy contention: wait, retry."""
+    for i in range(attempts):
+        try:
+            return call()
+        except Exception as exc:  # pragma: no cover - depends on timing
+            if "locked" not in str(exc) or i == attempts - 1:
+                raise
+            time.sleep(1 + i)
+
+
+# ---------------------------------------------------------------------------
+# the registered virtual cell: a pyfunc model
+
+STATE_PREFIX = "z"
+T_START = "t_start"
+HORIZON = "horizon"
+
+
+def simulator_input_example(states: np.ndarray, *, t_start: float, horizon: float) -> pd.DataFrame:
+    """The pyfunc input: one row per cell, state columns z0..z{d-1}, start time and horizon."""
+    frame = pd.DataFrame(np.asarray(states, dtype=np.float64),
+                         columns=[f"{STATE_PREFIX}{i}" for i in range(states.shape[1])])
+    frame[T_START] = float(t_start)
+    frame[HORIZON] = float(horizon)
+    return frame
+
+
+class VirtualCellModel(mlflow.pyfunc.PythonModel):
+    """Given cell states (shared-space coordinates), a start time and a horizon, return simulated states.
+
+    Input: a DataFrame with columns ``z0..z{d-1}``, ``t_start`` and ``horizon`` (one row per cell).
+    Output: a DataFrame with columns ``z0..z{d-1}``: each cell's state at ``t_start + horizon``.
+    """
+
+    def load_context(self, context) -> None:
+        from virtualcell.models.dynamics import Simulator
+
+        self.simulator = Simulator.load(context.artifacts["simulator"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        state_cols = [c for c in model_input.columns if c.startswith(STATE_PREFIX)]
+        states = model_input[state_cols].to_numpy(dtype=np.float32)
+        out = np.empty_like(states)
+        starts = model_input[T_START].to_numpy(dtype=float)
+        ends = starts + model_input[HORIZON].to_numpy(dtype=float)
+        # Cells that share a start and end time are integrated together (one batched ODE solve).
+        for t0, t1 in sorted(set(zip(starts, ends))):
+            rows = (starts == t0) & (ends == t1)
+            out[rows] = self.simulator.simulate(states[rows], t0=float(t0), t1=float(t1))
+        return pd.DataFrame(out, columns=state_cols, index=model_input.index)
+
+
+# ---------------------------------------------------------------------------
+# files and lineage
+
+
+def sha256(path: str | Path, *, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_files(paths: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file (directories are walked)."""
+    out: dict[str, dict[str, Any]] = {}
+    for p in map(Path, paths):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            if f.exists() and not f.name.endswith(LINEAGE_SUFFIX):
+                out[str(f)] = {"sha256": sha256(f), "size": f.stat().st_size}
+    return out
+
+
+def lineage_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path.parent / f".{path.name}{LINEAGE_SUFFIX}"
+
+
+def write_lineage(path: str | Path, run_id: str) -> None:
+    _atomic_write_text(lineage_file(path), run_id)
+
+
+def read_lineage(path: str | Path) -> str | None:
+    f = lineage_file(path)
+    return f.read_text().strip() if f.exists() else None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        return value is not None and not isinstance(value, bool) and float(value) == float(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def _pip_requirements() -> list[str]:
+    """Pin what the logged model needs to load, from what is installed now."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "numpy", "pandas", "mlflow")] + [
+        f"virtualcell=={version('virtualcell')}"
+    ]

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny data made by the generator, the repository root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {"n_cells": 300, "n_genes": 100, "n_proteins": 8, "time_points": [0, 1, 2, 3, 4], "n_spots": 40, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_mdata():
+    """A tiny synthetic dataset, ingested (harmonised) as the ingest stage does."""
+    from virtualcell.io import read_dataset
+
+    return read_dataset("tiny", {"source": "synthetic", "generator": TINY, "time_key": "time"})
+
+
+@pytest.fixture()
+def tracking_store(tmp_path, monkeypatch):
+    """A real local MLflow store (SQLite) in a temporary folder, used through the environment."""
+    from virtualcell import tracking
+
+    uri = tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv(tracking.ENV_TRACKING_URI, uri)
+    monkeypatch.setenv(tracking.ENV_EXPERIMENT, "test")
+    monkeypatch.setenv(tracking.ENV_PARENT_RUN_FILE, str(tmp_path / "parent_run_id"))
+    return uri

@@ -1,0 +1,27 @@
+rule align:
+    input:
+        data=rules.pair.output.data,
+        embeddings=rules.embed.output.embeddings,
+    output:
+        shared=f"{RESULTS}/{{dataset}}/align/shared.h5ad",
+        model=f"{RESULTS}/{{dataset}}/align/aligner.pt",
+        figure=report(
+            f"{RESULTS}/{{dataset}}/align/loss.png",
+            caption="../report/align.rst",
+            category="Alignment",
+            labels={"dataset": "{dataset}"},
+        ),
+    params:
+        cfg=as_json(config["align"]),
+        device=config["device"],
+    log:
+        f"{LOGS}/{{dataset}}/align.log",
+    threads: res("align", "threads", 2)
+    resources:
+        mem_mb=res("align", "mem_mb", 8000),
+        runtime=res("align", "runtime", 60),
+    shell:
+        "virtualcell align --dataset {wildcards.dataset} --input {input.data}"
+        " --embeddings {input.embeddings} --output {output.shared} --model {output.model}"
+        " --figure {output.figure} --device {params.device}"
+        " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

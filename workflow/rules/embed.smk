@@ -1,0 +1,27 @@
+rule embed:
+    input:
+        data=rules.pair.output.data,
+    output:
+        embeddings=f"{RESULTS}/{{dataset}}/embed/embeddings.h5ad",
+        rna_model=f"{RESULTS}/{{dataset}}/embed/rna_encoder.pt",
+        joint_model=f"{RESULTS}/{{dataset}}/embed/joint_encoder.pt",
+        figure=report(
+            f"{RESULTS}/{{dataset}}/embed/loss.png",
+            caption="../report/embed.rst",
+            category="Embedding",
+            labels={"dataset": "{dataset}"},
+        ),
+    params:
+        cfg=as_json(config["embed"]),
+        device=config["device"],
+    log:
+        f"{LOGS}/{{dataset}}/embed.log",
+    threads: res("embed", "threads", 2)
+    resources:
+        mem_mb=res("embed", "mem_mb", 8000),
+        runtime=res("embed", "runtime", 60),
+    shell:
+        "virtualcell embed --dataset {wildcards.dataset} --input {input.data}"
+        " --output {output.embeddings} --rna-model {output.rna_model}"
+        " --joint-model {output.joint_model} --figure {output.figure} --device {params.device}"
+        " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,16 @@
+rule ingest:
+    input:
+        get_raw_input,
+    output:
+        data=f"{RESULTS}/{{dataset}}/ingest.h5mu",
+    params:
+        cfg=dataset_spec,
+    log:
+        f"{LOGS}/{{dataset}}/ingest.log",
+    threads: res("ingest", "threads", 1)
+    resources:
+        mem_mb=res("ingest", "mem_mb", 4000),
+        runtime=res("ingest", "runtime", 30),
+    shell:
+        "virtualcell ingest --dataset {wildcards.dataset} --output {output.data}"
+        " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,18 @@
+rule pair:
+    input:
+        data=rules.qc.output.data,
+    output:
+        data=f"{RESULTS}/{{dataset}}/pairs/paired.h5mu",
+        split=f"{RESULTS}/{{dataset}}/pairs/split.tsv",
+    params:
+        cfg=as_json(config["pair"]),
+    log:
+        f"{LOGS}/{{dataset}}/pair.log",
+    threads: res("pair", "threads", 1)
+    resources:
+        mem_mb=res("pair", "mem_mb", 4000),
+        runtime=res("pair", "runtime", 30),
+    shell:
+        "virtualcell pair --dataset {wildcards.dataset} --input {input.data} --output {output.data}"
+        " --split {output.split}"
+        " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

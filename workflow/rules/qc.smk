@@ -1,0 +1,24 @@
+rule qc:
+    input:
+        data=rules.ingest.output.data,
+    output:
+        data=f"{RESULTS}/{{dataset}}/qc.h5mu",
+        summary=f"{RESULTS}/{{dataset}}/qc/qc.json",
+        figure=report(
+            f"{RESULTS}/{{dataset}}/qc/qc.png",
+            caption="../report/qc.rst",
+            category="Quality control",
+            labels={"dataset": "{dataset}"},
+        ),
+    params:
+        cfg=as_json(config["qc"]),
+    log:
+        f"{LOGS}/{{dataset}}/qc.log",
+    threads: res("qc", "threads", 1)
+    resources:
+        mem_mb=res("qc", "mem_mb", 4000),
+        runtime=res("qc", "runtime", 30),
+    shell:
+        "virtualcell qc --dataset {wildcards.dataset} --input {input.data} --output {output.data}"
+        " --summary {output.summary} --figure {output.figure}"
+        " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

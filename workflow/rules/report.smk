@@ -1,0 +1,26 @@
+rule report:
+    input:
+        simulator=f"{RESULTS}/{{dataset}}/simulate/{NO_HOLDOUT}/simulator.pt",
+        shared=rules.align.output.shared,
+        metrics=rules.evaluate.output.metrics,
+    output:
+        model=f"{RESULTS}/{{dataset}}/report/model.json",
+        summary=report(
+            f"{RESULTS}/{{dataset}}/report/summary.tsv",
+            caption="../report/summary.rst",
+            category="Summary",
+            labels={"dataset": "{dataset}"},
+        ),
+    params:
+        cfg=as_json({"register": config["mlflow"]["register"]}),
+    log:
+        f"{LOGS}/{{dataset}}/report.log",
+    threads: res("report", "threads", 1)
+    resources:
+        mem_mb=res("report", "mem_mb", 4000),
+        runtime=res("report", "runtime", 30),
+    shell:
+        "virtualcell report --dataset {wildcards.dataset} --simulator {input.simulator}"
+        " --shared {input.shared} --metrics {input.metrics} --output {output.model}"
+        " --summary {output.summary}"
+        " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,26 @@
+rule simulate:
+    input:
+        shared=rules.align.output.shared,
+    output:
+        model=f"{RESULTS}/{{dataset}}/simulate/{{holdout}}/simulator.pt",
+        figure=report(
+            f"{RESULTS}/{{dataset}}/simulate/{{holdout}}/trajectories.png",
+            caption="../report/simulate.rst",
+            category="Simulation",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "held-out time": "{holdout}"},
+        ),
+    params:
+        cfg=as_json(config["simulate"]),
+        device=config["device"],
+    log:
+        f"{LOGS}/{{dataset}}/simulate/{{holdout}}.log",
+    threads: res("simulate", "threads", 1)
+    resources:
+        mem_mb=res("simulate", "mem_mb", 8000),
+        runtime=res("simulate", "runtime", 60),
+    shell:
+        "virtualcell simulate --dataset {wildcards.dataset} --holdout {wildcards.holdout}"
+        " --input {input.shared} --output {output.model} --figure {output.figure}"
+        " --device {params.device}"
+        " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"
