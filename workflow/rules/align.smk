@@ -16,7 +16,7 @@ rule align:
         device=config["device"],
     log:
         f"{LOGS}/{{dataset}}/align.log",
-    threads: res("align", "threads", 2)
+    threads: res("align", "threads", 1)
     resources:
         mem_mb=res("align", "mem_mb", 8000),
         runtime=res("align", "runtime", 60),

@@ -16,7 +16,7 @@ rule embed:
         device=config["device"],
     log:
         f"{LOGS}/{{dataset}}/embed.log",
-    threads: res("embed", "threads", 2)
+    threads: res("embed", "threads", 1)
     resources:
         mem_mb=res("embed", "mem_mb", 8000),
         runtime=res("embed", "runtime", 60),

@@ -1,0 +1,277 @@
+"""CLIP-style contrastive alignment of two paired modalities into one shared space.
+
+"Encoding as prediction": after training, a cell measured in one modality
+retrieves its partner in the other by cosine similarity in the shared space.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from virtualcell import train
+from virtualcell.train import BadInputError
+from virtualcell.models._base import BaseModel, apply_in_batches, as_float_array
+
+__all__ = ["symmetric_info_nce", "top1_retrieval", "ContrastiveAligner", "Aligner"]
+
+# CLIP's cap on the logit scale (temperature >= 0.01): beyond it training
+# becomes unstable and the loss saturates.
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def symmetric_info_nce(za: torch.Tensor, zb: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP) loss of paired rows of ``za`` and ``zb``.
+
+    Rows are L2-normalised, ``logits = exp(logit_scale) * za @ zb.T``, and the
+    loss is the mean of the cross-entropies of rows (a -> b) and columns
+    (b -> a), with row ``i`` of ``za`` paired to row ``i`` of ``zb``.
+
+    Parameters
+    ----------
+    za, zb
+        Embeddings, (n, d) each.
+    logit_scale
+        log of the inverse temperature.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss.
+    """
+    za = F.normalize(za.float(), dim=-1)
+    zb = F.normalize(zb.float(), dim=-1)
+    logits = torch.exp(torch.as_tensor(logit_scale, dtype=za.dtype, device=za.device)) * za @ zb.T
+    targets = torch.arange(len(za), device=za.device)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def top1_retrieval(za: torch.Tensor, zb: torch.Tensor, *, batch_size: int = 4096) -> float:
+    """Fraction of rows of ``za`` whose most cosine-similar row of ``zb`` is their own partner.
+
+    Computed in chunks of ``za`` so memory stays O(batch_size * n).
+    """
+    za = F.normalize(za.float(), dim=-1)
+    zb = F.normalize(zb.float(), dim=-1)
+    hits = 0
+    for i in range(0, len(za), batch_size):
+        best = (za[i : i + batch_size] @ zb.T).argmax(dim=-1)
+        hits += int((best == torch.arange(i, i + len(best), device=za.device)).sum())
+    return hits / len(za)
+
+
+class ContrastiveAligner(nn.Module):
+    """Projection heads of two modalities into a shared space, trained with symmetric InfoNCE.
+
+    Parameters
+    ----------
+    dims
+        Input dimension of each modality, e.g. ``{"rna": 10, "prot": 14}``;
+        exactly two, and their order is the order of :meth:`loss`'s arguments.
+    n_shared
+        Dimension of the shared space.
+    n_hidden, dropout
+        Width and dropout of each head's hidden layer.
+    init_temperature
+        Initial softmax temperature T; the model learns log(1/T).
+    learn_temperature
+        If False the temperature stays at ``init_temperature``.
+    """
+
+    def __init__(
+        self,
+        dims: dict[str, int],
+        *,
+        n_shared: int = 16,
+        n_hidden: int = 128,
+        dropout: float = 0.1,
+        init_temperature: float = 0.07,
+        learn_temperature: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(dims) != 2:
+            raise BadInputError(f"ContrastiveAligner aligns exactly two modalities; got {list(dims)}")
+        if not init_temperature > 0:
+            raise BadInputError(f"init_temperature must be > 0; got {init_temperature}")
+        self.names = list(dims)
+        self.heads = nn.ModuleDict(
+            {
+                name: nn.Sequential(
+                    nn.Linear(int(d), n_hidden),
+                    nn.LayerNorm(n_hidden),
+                    nn.GELU(),
+                    nn.Dropout(dropout),
+                    nn.Linear(n_hidden, n_shared),
+                )
+                for name, d in dims.items()
+            }
+        )
+        scale = torch.tensor(math.log(1.0 / init_temperature))
+        if learn_temperature:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale)
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        # Clamped in the forward pass (not by editing the parameter after each
+        # step) so the module stays a pure function of its state.
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE)
+
+    def embed(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised shared embedding of modality ``name``."""
+        if name not in self.heads:
+            raise KeyError(f"unknown modality {name!r}; this aligner knows {self.names}")
+        return F.normalize(self.heads[name](x).float(), dim=-1)
+
+    def loss(self, xa: torch.Tensor, xb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Symmetric InfoNCE of paired rows of the two modalities (in ``dims`` order).
+
+        Returns
+        -------
+        dict
+            ``"loss"`` and the current ``"temperature"``.
+        """
+        scale = self.clamped_logit_scale()
+        loss = symmetric_info_nce(self.embed(self.names[0], xa), self.embed(self.names[1], xb), scale)
+        return {train.LOSS_KEY: loss, "temperature": torch.exp(-scale).detach()}
+
+
+class Aligner(BaseModel):
+    """User-facing contrastive aligner of two paired modalities.
+
+    Parameters
+    ----------
+    dims
+        Input dimension per modality, in the order ``fit`` takes them.
+    **module_kwargs
+        Passed to :class:`ContrastiveAligner`.
+
+    Examples
+    --------
+    >>> al = Aligner({"rna": 10, "prot": 14}, n_shared=16)
+    >>> al.fit(z_rna, z_prot, epochs=100, seed=0)
+    >>> shared = al.embed("rna", z_rna)
+    """
+
+    _module_cls = ContrastiveAligner
+
+    def __init__(self, dims: dict[str, int], **module_kwargs) -> None:
+        super().__init__(dims={str(k): int(v) for k, v in dims.items()}, **module_kwargs)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.init_kwargs["dims"])
+
+    def _pair(self, xa, xb, suffix: str = "") -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.names
+        dims = self.init_kwargs["dims"]
+        xa = as_float_array(xa, name=f"xa{suffix} ({a})", n_cols=dims[a])
+        xb = as_float_array(xb, name=f"xb{suffix} ({b})", n_cols=dims[b])
+        if len(xa) != len(xb):
+            raise BadInputError(
+                f"xa{suffix} and xb{suffix} must be paired row by row; got {len(xa)} and {len(xb)} rows"
+            )
+        return xa, xb
+
+    def fit(
+        self,
+        xa: np.ndarray,
+        xb: np.ndarray,
+        *,
+        xa_val: np.ndarray | None = None,
+        xb_val: np.ndarray | None = None,
+        epochs: int = 100,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        device: str = "auto",
+        seed: int = 0,
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+    ) -> list[dict[str, float]]:
+        """Train on paired rows of the two modalities.
+
+        Parameters
+        ----------
+        xa, xb
+            Features of the first and second modality (order of ``dims``);
+            row i of ``xa`` and row i of ``xb`` are the same cell.
+        xa_val, xb_val
+            Held-out pairs; ``val_top1`` is the top-1 retrieval accuracy a -> b
+            among them (chance = 1 / number of pairs), ``val_loss`` their
+            InfoNCE over chunks of ``batch_size``.
+        epochs, batch_size, lr, weight_decay, device, seed, on_epoch, checkpoint_path, checkpoint_every
+            See :func:`virtualcell.train.fit`. Larger batches give InfoNCE more
+            negatives per step.
+
+        Returns
+        -------
+        list of dict
+            Per-epoch metrics (``loss``, ``temperature``, ``val_loss``, ``val_top1``).
+        """
+        xa, xb = self._pair(xa, xb)
+        if (xa_val is None) != (xb_val is None):
+            raise BadInputError("give both xa_val and xb_val, or neither")
+        self._prepare_fit(seed)
+        dev = train.resolve_device(device)
+        ta, tb = torch.as_tensor(xa, device=dev), torch.as_tensor(xb, device=dev)
+
+        def batches(epoch: int, generator: torch.Generator):
+            return train.minibatches(ta, tb, batch_size=batch_size, generator=generator)
+
+        val_fn = None
+        if xa_val is not None:
+            va, vb = (torch.as_tensor(v, device=dev) for v in self._pair(xa_val, xb_val, "_val"))
+            a, b = self.names
+
+            def val_fn(module: ContrastiveAligner) -> dict[str, float]:
+                # The loss is taken over chunks of batch_size, the number of
+                # negatives it sees in training, so train and val losses compare.
+                total = sum(
+                    float(module.loss(va[i : i + batch_size], vb[i : i + batch_size])[train.LOSS_KEY])
+                    * len(va[i : i + batch_size])
+                    for i in range(0, len(va), batch_size)
+                )
+                return {
+                    train.LOSS_KEY: total / len(va),
+                    "top1": top1_retrieval(module.embed(a, va), module.embed(b, vb)),
+                }
+
+        self.history = train.fit(
+            self.module,
+            batches,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            device=dev,
+            seed=seed,
+            on_epoch=on_epoch,
+            val_fn=val_fn,
+            checkpoint_path=checkpoint_path,
+            checkpoint_every=checkpoint_every,
+        )
+        self.is_fitted = True
+        return self.history
+
+    def embed(self, name: str, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+        """L2-normalised shared embedding of modality ``name``, cells x ``n_shared``."""
+        self._require_fitted("embed")
+        if name not in self.init_kwargs["dims"]:
+            raise KeyError(f"unknown modality {name!r}; this aligner knows {self.names}")
+        x = as_float_array(x, name=f"x ({name})", n_cols=self.init_kwargs["dims"][name])
+        self.module.eval()
+        return apply_in_batches(
+            lambda t: self.module.embed(name, t), x, device=self.device, batch_size=batch_size
+        )
+
+    @property
+    def temperature(self) -> float:
+        """Current softmax temperature."""
+        return float(torch.exp(-self.module.clamped_logit_scale().detach()))

@@ -1,0 +1,261 @@
+"""Count-aware encoder: a negative-binomial VAE over one or more count blocks.
+
+One block (``[n_genes]``) encodes RNA alone; several blocks
+(``[n_genes, n_proteins]``) give the joint "encoding as compression" encoder:
+one latent space explains all modalities, each decoded with its own softmax
+and its own library size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from virtualcell import train
+from virtualcell.train import BadInputError
+from virtualcell.models._base import BaseModel, apply_in_batches, as_float_array
+
+__all__ = ["nb_log_prob", "NBVAE", "CountEncoder"]
+
+_EPS = 1e-8
+# Floor on the posterior variance: keeps log-variance from running to -inf on
+# cells the decoder already explains perfectly.
+_VAR_FLOOR = 1e-4
+
+
+def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
+    """Elementwise log-pmf of a negative binomial with mean ``mu`` and inverse dispersion ``theta``.
+
+    Equal to ``scipy.stats.nbinom.logpmf(x, n=theta, p=theta / (theta + mu))``;
+    the variance is ``mu + mu**2 / theta``. Written with ``lgamma`` so it is
+    stable for large counts and large ``theta`` (scvi-tools' ``log_nb_positive``).
+
+    Parameters
+    ----------
+    x
+        Observed counts.
+    mu
+        Means, > 0 (``eps`` guards exact zeros).
+    theta
+        Inverse dispersions, > 0; broadcast against ``x``.
+
+    Returns
+    -------
+    torch.Tensor
+        Log-probabilities with the broadcast shape of the inputs.
+    """
+    log_theta_mu = torch.log(theta + mu + eps)
+    return (
+        theta * (torch.log(theta + eps) - log_theta_mu)
+        + x * (torch.log(mu + eps) - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1.0)
+    )
+
+
+def _mlp(n_in: int, n_hidden: int, n_layers: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(n_layers):
+        layers += [nn.Linear(n_in if i == 0 else n_hidden, n_hidden), nn.LayerNorm(n_hidden), nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class NBVAE(nn.Module):
+    """Variational autoencoder with a negative-binomial likelihood per count block.
+
+    Parameters
+    ----------
+    n_inputs
+        Number of features in each count block, in column order of the input.
+    n_latent
+        Dimension of the latent space.
+    n_hidden, n_layers, dropout
+        Width, depth and dropout of the encoder and decoder MLPs.
+    kl_weight
+        Weight of the KL term in the loss (1 = the ELBO).
+    """
+
+    def __init__(
+        self,
+        n_inputs: Sequence[int],
+        *,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        kl_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.n_inputs = [int(n) for n in n_inputs]
+        if not self.n_inputs or min(self.n_inputs) < 1:
+            raise BadInputError(f"n_inputs must be a non-empty list of positive block sizes; got {list(n_inputs)}")
+        if n_layers < 1:
+            raise BadInputError(f"n_layers must be >= 1; got {n_layers}")
+        self.kl_weight = float(kl_weight)
+        n_total = sum(self.n_inputs)
+        self.encoder = _mlp(n_total, n_hidden, n_layers, dropout)
+        self.z_mean = nn.Linear(n_hidden, n_latent)
+        self.z_logvar = nn.Linear(n_hidden, n_latent)
+        self.decoder = _mlp(n_latent, n_hidden, n_layers, dropout)
+        self.block_heads = nn.ModuleList(nn.Linear(n_hidden, n) for n in self.n_inputs)
+        # theta = exp(log_theta): one inverse dispersion per feature, shared by cells.
+        self.log_theta = nn.Parameter(torch.zeros(n_total))
+
+    def encode_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(z | x) for raw counts ``x``."""
+        h = self.encoder(torch.log1p(x))
+        # Cast back from bf16 under autocast: the KL and exp() need fp32 range.
+        mean = self.z_mean(h).float()
+        var = torch.exp(self.z_logvar(h).float()) + _VAR_FLOOR
+        return mean, var
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior mean of z, the cell embedding."""
+        return self.encode_distribution(x)[0]
+
+    def decode(self, z: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
+        """NB means: per-block softmax over features times that block's library size.
+
+        ``library`` is (cells, n_blocks).
+        """
+        h = self.decoder(z)
+        return torch.cat(
+            [F.softmax(head(h).float(), dim=-1) * library[:, i : i + 1] for i, head in enumerate(self.block_heads)],
+            dim=-1,
+        )
+
+    def library_sizes(self, x: torch.Tensor) -> torch.Tensor:
+        """Observed total counts of each cell in each block, (cells, n_blocks)."""
+        return torch.stack([block.sum(-1) for block in torch.split(x, self.n_inputs, dim=-1)], dim=-1)
+
+    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Negative ELBO per cell, averaged over cells.
+
+        Returns
+        -------
+        dict
+            ``"loss"`` = mean(nll + kl_weight * kl); ``"nll"`` = mean NB
+            negative log-likelihood summed over features; ``"kl"`` = mean
+            KL(q(z|x) || N(0, I)).
+        """
+        x = x.float()
+        mean, var = self.encode_distribution(x)
+        z = mean + var.sqrt() * torch.randn_like(mean)
+        mu = self.decode(z, self.library_sizes(x))
+        nll = -nb_log_prob(x, mu, torch.exp(self.log_theta)).sum(-1)
+        kl = 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var)).sum(-1)
+        return {train.LOSS_KEY: (nll + self.kl_weight * kl).mean(), "nll": nll.mean(), "kl": kl.mean()}
+
+
+class CountEncoder(BaseModel):
+    """User-facing NB-VAE: fit on a counts matrix, encode cells to a latent space.
+
+    Parameters
+    ----------
+    n_inputs
+        Features per count block, in column order (e.g. ``[n_genes, n_proteins]``).
+    **module_kwargs
+        Passed to :class:`NBVAE` (``n_latent``, ``n_hidden``, ``n_layers``,
+        ``dropout``, ``kl_weight``).
+
+    Examples
+    --------
+    >>> enc = CountEncoder([2000, 30], n_latent=16)
+    >>> history = enc.fit(counts, epochs=50, seed=0)
+    >>> z = enc.encode(counts)
+    """
+
+    _module_cls = NBVAE
+
+    def __init__(self, n_inputs: Sequence[int], **module_kwargs) -> None:
+        super().__init__(n_inputs=[int(n) for n in n_inputs], **module_kwargs)
+
+    @property
+    def n_features(self) -> int:
+        return sum(self.init_kwargs["n_inputs"])
+
+    def _counts(self, x, name: str) -> np.ndarray:
+        x = as_float_array(x, name=name, n_cols=self.n_features)
+        if (x < 0).any():
+            raise BadInputError(f"{name} contains negative values; the encoder needs raw counts, not normalised data")
+        return x
+
+    def fit(
+        self,
+        x: np.ndarray,
+        *,
+        x_val: np.ndarray | None = None,
+        epochs: int = 100,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        device: str = "auto",
+        seed: int = 0,
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+    ) -> list[dict[str, float]]:
+        """Train on raw counts.
+
+        Parameters
+        ----------
+        x
+            Counts, cells x features (the blocks concatenated), dense.
+        x_val
+            Held-out cells; their loss terms are reported as ``val_loss``,
+            ``val_nll``, ``val_kl``.
+        epochs, batch_size, lr, device, seed, on_epoch, checkpoint_path, checkpoint_every
+            See :func:`virtualcell.train.fit`.
+
+        Returns
+        -------
+        list of dict
+            Per-epoch metrics, also kept in ``self.history``.
+        """
+        x = self._counts(x, "x")
+        x_val = None if x_val is None else self._counts(x_val, "x_val")
+        self._prepare_fit(seed)
+        dev = train.resolve_device(device)
+        data = torch.as_tensor(x, device=dev)
+
+        def batches(epoch: int, generator: torch.Generator):
+            return train.minibatches(data, batch_size=batch_size, generator=generator)
+
+        val_fn = None
+        if x_val is not None:
+            val_data = torch.as_tensor(x_val, device=dev)
+
+            def val_fn(module: NBVAE) -> dict[str, float]:
+                sums: dict[str, float] = {}
+                for i in range(0, len(val_data), batch_size):
+                    chunk = val_data[i : i + batch_size]
+                    for key, value in module.loss(chunk).items():
+                        sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
+                return {key: total / len(val_data) for key, total in sums.items()}
+
+        self.history = train.fit(
+            self.module,
+            batches,
+            epochs=epochs,
+            lr=lr,
+            device=dev,
+            seed=seed,
+            on_epoch=on_epoch,
+            val_fn=val_fn,
+            checkpoint_path=checkpoint_path,
+            checkpoint_every=checkpoint_every,
+        )
+        self.is_fitted = True
+        return self.history
+
+    def encode(self, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+        """Posterior means of the latent variables, cells x ``n_latent`` (float32)."""
+        self._require_fitted("encode")
+        x = self._counts(x, "x")
+        self.module.eval()
+        return apply_in_batches(self.module.encode, x, device=self.device, batch_size=batch_size)
