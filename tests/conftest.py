@@ -29,3 +29,11 @@ def tracking_store(tmp_path, monkeypatch):
     monkeypatch.setenv(tracking.ENV_EXPERIMENT, "test")
     monkeypatch.setenv(tracking.ENV_PARENT_RUN_FILE, str(tmp_path / "parent_run_id"))
     return uri
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests run beside each other and beside workflow jobs on 2 cores: one torch thread each."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -1,0 +1,96 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from virtualcell import io
+from virtualcell.errors import InputError
+
+
+def _h5ad(tmp_path, x, *, obs=None, name="data.h5ad", obsm=None):
+    n = x.shape[0]
+    adata = ad.AnnData(X=x, obs=obs if obs is not None else pd.DataFrame(index=[f"c{i}" for i in range(n)]))
+    adata.var_names = [f"g{j}" for j in range(x.shape[1])]
+    for k, v in (obsm or {}).items():
+        adata.obsm[k] = v
+    path = tmp_path / name
+    adata.write_h5ad(path)
+    return path
+
+
+def test_h5ad_with_protein_in_obsm_becomes_rna_and_prot(tmp_path):
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({"day": ["0", "1", "2", "3"] * 5, "donor": ["a", "b"] * 10},
+                       index=[f"c{i}" for i in range(20)])
+    prot = pd.DataFrame(rng.poisson(5, size=(20, 3)), index=obs.index, columns=["CD3", "CD4", "CD8"])
+    path = _h5ad(tmp_path, rng.poisson(2, size=(20, 6)).astype(np.float32), obs=obs,
+                 obsm={"protein_expression": prot})
+    mdata = io.read_dataset("mine", {"source": "h5ad", "path": str(path), "time_key": "day",
+                                     "batch_key": "donor", "protein_obsm_key": "protein_expression"})
+    assert set(mdata.mod) == {"rna", "prot"}
+    assert list(mdata["prot"].var_names) == ["CD3", "CD4", "CD8"]
+    np.testing.assert_array_equal(mdata["prot"].layers["counts"].toarray(), prot.to_numpy())
+    assert mdata["rna"].obs["time"].tolist() == [0.0, 1.0, 2.0, 3.0] * 5
+    assert "protein_expression" not in mdata["rna"].obsm
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.array([[1.0, -2.0], [0.0, 3.0]]), "negative values"),
+        (np.array([[1.5, 2.0], [0.0, 3.0]]), "not integers"),
+        (np.array([[np.nan, 2.0], [0.0, 3.0]]), "NaN"),
+    ],
+)
+def test_counts_that_are_not_counts_are_refused(tmp_path, values, message):
+    path = _h5ad(tmp_path, values.astype(np.float32))
+    with pytest.raises(InputError, match=message) as err:
+        io.read_dataset("d", {"source": "h5ad", "path": str(path)})
+    assert str(path) in str(err.value)
+
+
+def test_corrupt_and_missing_files_name_the_file(tmp_path):
+    bad = tmp_path / "truncated.h5ad"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(InputError, match=r"truncated\.h5ad: cannot be read as \.h5ad"):
+        io.read_dataset("d", {"source": "h5ad", "path": str(bad)})
+    with pytest.raises(InputError, match=r"nowhere\.h5ad: file not found .*datasets\.d\.path"):
+        io.read_dataset("d", {"source": "h5ad", "path": str(tmp_path / "nowhere.h5ad")})
+
+
+def test_duplicate_barcodes_are_refused(tmp_path):
+    obs = pd.DataFrame(index=["c1", "c1", "c2"])
+    path = _h5ad(tmp_path, np.ones((3, 2), dtype=np.float32), obs=obs)
+    with pytest.raises(InputError, match="duplicate cell barcode 'c1'"):
+        io.read_dataset("d", {"source": "h5ad", "path": str(path)})
+
+
+def test_non_numeric_time_is_refused(tmp_path):
+    obs = pd.DataFrame({"day": ["early", "late"]}, index=["a", "b"])
+    path = _h5ad(tmp_path, np.ones((2, 2), dtype=np.float32), obs=obs)
+    with pytest.raises(InputError, match="time column 'day' has non-numeric values"):
+        io.read_dataset("d", {"source": "h5ad", "path": str(path), "time_key": "day"})
+
+
+def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out.json"
+
+    def failing(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        io.atomic_write(target, failing)
+    assert list(tmp_path.iterdir()) == []
+    io.write_json({"a": 1}, target)
+    assert target.read_text().strip().startswith("{")
+
+
+def test_synthetic_ingest_round_trips_through_h5mu(tmp_path, tiny_mdata):
+    path = tmp_path / "ingest.h5mu"
+    io.write_h5mu(tiny_mdata, path)
+    back = io.read_h5mu(path)
+    assert sp.issparse(back["rna"].layers["counts"])
+    np.testing.assert_array_equal(back["rna"].layers["counts"].toarray(), tiny_mdata["rna"].layers["counts"].toarray())
+    assert back["rna"].obs["time"].equals(tiny_mdata["rna"].obs["time"])

@@ -1,0 +1,162 @@
+"""The whole workflow on config/test.yaml, as a user runs it: the snakemake command line.
+
+One module-scoped run (about a minute on 2 cores) is shared by the checks of
+its outputs, its MLflow records, the registered model and the rerun rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+from virtualcell import tracking
+
+pytestmark = pytest.mark.workflow
+JOBS = ["ingest", "qc", "pair", "embed", "align", "simulate", "simulate", "evaluate", "report"]
+
+
+def snakemake(workdir: Path, *args: str, extra_configs=(), check=True) -> subprocess.CompletedProcess:
+    configs = [str(REPO / "config" / "config.yaml"), str(REPO / "config" / "test.yaml"), *map(str, extra_configs)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUALCELL_"))}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", *args,
+           "--configfile", *configs]
+    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    if check and done.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+def scheduled(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts from the 'Job stats' table of a dry run."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1].split("Reasons:")[0] if "Reasons:" in text else text.split("Job stats:")[1]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M))
+    counts.pop("total", None)
+    return {k: int(v) for k, v in counts.items()}
+
+
+@pytest.fixture(scope="module")
+def workflow_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workflow")
+    snakemake(workdir)
+    snakemake(workdir, "--report", "results/report.html")
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def client(workflow_run):
+    uri = tracking.resolve_tracking_uri(f"sqlite:///{workflow_run}/results/mlflow.db")
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def test_outputs_and_metrics(workflow_run):
+    results = workflow_run / "results" / "synthetic"
+    metrics = json.loads((results / "evaluate" / "metrics.json").read_text())
+    assert metrics["dataset"] == "synthetic"
+    w1 = metrics["simulation"]["holdouts"]["2"]["w1_shared"]
+    assert set(w1) == {"model", "ot_interp", "copy_prev", "copy_next", "random_coupling", "noise_floor"}
+    assert all(np.isfinite(v) and v >= 0 for v in w1.values())
+    # the noise floor is the floor: no method can be below it by more than sampling error
+    assert w1["noise_floor"] <= min(w1.values()) + 0.05
+    retrieval = metrics["alignment"]["rna-prot"]
+    assert set(retrieval) == {"foscttm", "top1", "top5", "match_prob"}
+    assert retrieval["foscttm"]["model"] < retrieval["foscttm"]["random"]
+    assert 0.5 <= metrics["truth"]["fate_auroc"] <= 1
+    assert (workflow_run / "results" / "report.html").stat().st_size > 10_000
+    for figure in ["qc/qc.png", "embed/loss.png", "align/loss.png", "simulate/2/trajectories.png",
+                   "simulate/none/trajectories.png", "evaluate/evaluation.png"]:
+        assert (results / figure).stat().st_size > 1000, figure
+
+
+def test_mlflow_has_a_parent_run_and_a_finished_child_run_per_job(workflow_run, client):
+    experiment = client.get_experiment_by_name("virtualcell-test")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "workflow"]
+    children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "job"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.tags[tracking.TAG_RULE] for r in children) == sorted(JOBS)
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags[tracking.TAG_JOBID].isdigit()
+        assert run.data.params, run.data.tags[tracking.TAG_RULE]
+        names = {a.path for a in client.list_artifacts(run.info.run_id, "files")}
+        assert names == {"files/inputs.json", "files/outputs.json"}
+    by_rule = {r.data.tags[tracking.TAG_RULE]: r for r in children}
+    # lineage: each job names the runs whose outputs it read
+    assert by_rule["qc"].data.tags[tracking.TAG_UPSTREAM] == by_rule["ingest"].info.run_id
+    assert by_rule["align"].data.tags[tracking.TAG_UPSTREAM].count(",") == 1
+    # per-epoch training metrics
+    history = client.get_metric_history(by_rule["embed"].info.run_id, "embed.rna.loss")
+    assert [m.step for m in history] == list(range(len(history))) and len(history) == 8
+    assert by_rule["evaluate"].data.metrics["simulation.mean.w1_shared.model"] >= 0
+
+
+def test_registered_model_simulates_states(workflow_run, client):
+    version = client.get_latest_versions("virtualcell-synthetic")[0]
+    model = mlflow.pyfunc.load_model(f"models:/virtualcell-synthetic/{version.version}")
+    import anndata as ad
+
+    shared = ad.read_h5ad(workflow_run / "results" / "synthetic" / "align" / "shared.h5ad")
+    x = np.asarray(shared.obsm["X_shared"][:20], dtype=np.float64)
+    frame = tracking.simulator_input_example(x, t_start=0.0, horizon=2.0)
+    out = model.predict(frame)
+    assert out.shape == (20, x.shape[1]) and np.isfinite(out.to_numpy()).all()
+    assert not np.allclose(out.to_numpy(), x, atol=1e-3)  # cells move in two time units
+    still = model.predict(tracking.simulator_input_example(x, t_start=1.0, horizon=0.0))
+    np.testing.assert_allclose(still.to_numpy(), x, atol=1e-5)  # a zero horizon leaves them in place
+
+
+def _override(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "override.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_rerun_nothing_changed_does_nothing(workflow_run):
+    assert scheduled(snakemake(workflow_run, "-n")) == {}
+
+
+def test_rerun_after_simulate_edit_schedules_only_simulate_and_after(workflow_run, tmp_path):
+    override = _override(tmp_path, "simulate:\n  epochs: 31\n")
+    jobs = scheduled(snakemake(workflow_run, "-n", extra_configs=[override]))
+    assert jobs == {"simulate": 2, "evaluate": 1, "report": 1, "all": 1}
+
+
+def test_rerun_after_qc_edit_schedules_qc_and_everything_after(workflow_run, tmp_path):
+    override = _override(tmp_path, "qc:\n  min_genes: 21\n")
+    jobs = scheduled(snakemake(workflow_run, "-n", extra_configs=[override]))
+    assert jobs == {"qc": 1, "pair": 1, "embed": 1, "align": 1, "simulate": 2, "evaluate": 1, "report": 1,
+                    "all": 1}
+
+
+def test_a_failing_job_marks_its_run_and_the_workflow_failed(tmp_path):
+    bad = tmp_path / "broken.h5ad"
+    bad.write_bytes(b"this is not an HDF5 file")
+    override = _override(tmp_path, f"datasets:\n  synthetic:\n    source: h5ad\n    path: {bad}\n"
+                                   "    holdouts: [2]\nmlflow:\n  experiment: failing\n")
+    done = snakemake(tmp_path, "results/synthetic/ingest.h5mu", extra_configs=[override], check=False)
+    assert done.returncode != 0
+    log = (tmp_path / "logs" / "synthetic" / "ingest.log").read_text().strip().splitlines()
+    assert log[-1].startswith(f"error: {bad}: cannot be read as .h5ad")
+    assert not (tmp_path / "results" / "synthetic" / "ingest.h5mu").exists()
+    client = MlflowClient(tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/results/mlflow.db"))
+    runs = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
+    status = {r.data.tags.get(tracking.TAG_RULE, "workflow"): r.info.status for r in runs}
+    assert status == {"ingest": "FAILED", "workflow": "FAILED"}
+    ingest = next(r for r in runs if r.data.tags.get(tracking.TAG_RULE) == "ingest")
+    assert "cannot be read as .h5ad" in ingest.data.tags[tracking.TAG_ERROR]
