@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from virtualcell import train
 from virtualcell.train import BadInputError, atomic_torch_save, resolve_device
 
 # Keys of a saved model file. Everything in it is a tensor or a JSON-able
@@ -88,6 +89,12 @@ class BaseModel:
         # "same seed -> same numbers" holds; a fitted one continues training.
         if not self.is_fitted:
             self.module = self._build_module(seed=seed)
+
+    def _train(self, batches: Callable, **fit_kwargs: Any) -> list[dict[str, float]]:
+        """Run the shared training loop (:func:`virtualcell.train.fit`); the model is then fitted."""
+        self.history = train.fit(self.module, batches, **fit_kwargs)
+        self.is_fitted = True
+        return self.history
 
     def _require_fitted(self, what: str) -> None:
         if not self.is_fitted:

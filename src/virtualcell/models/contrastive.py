@@ -244,8 +244,7 @@ class Aligner(BaseModel):
                     "top1": top1_retrieval(module.embed(a, va), module.embed(b, vb)),
                 }
 
-        self.history = train.fit(
-            self.module,
+        return self._train(
             batches,
             epochs=epochs,
             lr=lr,
@@ -257,8 +256,6 @@ class Aligner(BaseModel):
             checkpoint_path=checkpoint_path,
             checkpoint_every=checkpoint_every,
         )
-        self.is_fitted = True
-        return self.history
 
     def embed(self, name: str, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
         """L2-normalised shared embedding of modality ``name``, cells x ``n_shared``."""

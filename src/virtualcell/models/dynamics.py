@@ -348,8 +348,7 @@ class Simulator(BaseModel):
                 noise = sigma * torch.randn(n, x0.shape[1], generator=generator)
                 yield x0, x1, t0.to(dev), t1.to(dev), s.to(dev), noise.to(dev)
 
-        self.history = train.fit(
-            self.module,
+        return self._train(
             batches,
             epochs=epochs,
             lr=lr,
@@ -359,8 +358,6 @@ class Simulator(BaseModel):
             checkpoint_path=checkpoint_path,
             checkpoint_every=checkpoint_every,
         )
-        self.is_fitted = True
-        return self.history
 
     def simulate(self, x0: np.ndarray, *, t0: float, t1: float, n_steps: int = 100) -> np.ndarray:
         """Move cell states from time ``t0`` to ``t1`` along the learned flow.

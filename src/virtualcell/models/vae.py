@@ -238,8 +238,7 @@ class CountEncoder(BaseModel):
                         sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
                 return {key: total / len(val_data) for key, total in sums.items()}
 
-        self.history = train.fit(
-            self.module,
+        return self._train(
             batches,
             epochs=epochs,
             lr=lr,
@@ -250,8 +249,6 @@ class CountEncoder(BaseModel):
             checkpoint_path=checkpoint_path,
             checkpoint_every=checkpoint_every,
         )
-        self.is_fitted = True
-        return self.history
 
     def encode(self, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
         """Posterior means of the latent variables, cells x ``n_latent`` (float32)."""
