@@ -94,3 +94,13 @@ def test_synthetic_ingest_round_trips_through_h5mu(tmp_path, tiny_mdata):
     assert sp.issparse(back["rna"].layers["counts"])
     np.testing.assert_array_equal(back["rna"].layers["counts"].toarray(), tiny_mdata["rna"].layers["counts"].toarray())
     assert back["rna"].obs["time"].equals(tiny_mdata["rna"].obs["time"])
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Not mkstemp's private 0600: results in a shared folder stay readable as the umask allows."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    io.write_json({"a": 1}, tmp_path / "out.json")
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~mask

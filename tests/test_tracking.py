@@ -68,3 +68,107 @@ def test_unreachable_server_is_named_quickly():
     with pytest.raises(RuntimeError, match=r"http://127\.0\.0\.1:9 is not reachable"):
         tracking.check_reachable("http://127.0.0.1:9", timeout_s=5)
     assert time.monotonic() - start < 10
+
+
+def test_a_silent_server_is_named_within_the_timeout():
+    import socket
+    import time
+
+    with socket.socket() as server:  # accepts connections, never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(tracking.UnreachableServerError, match=rf"mlflow\.tracking_uri: {uri} is not reachable"):
+            tracking.check_reachable(uri, timeout_s=1)
+        assert time.monotonic() - start < 3
+
+
+def test_a_server_that_answers_is_reachable_even_when_it_refuses_us():
+    """An auth proxy answers 401 to the health check: the server is there, the jobs bring credentials."""
+    import http.server
+    import threading
+
+    class Deny(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Deny)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tracking.check_reachable(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+
+
+def test_each_invocation_gets_its_own_parent_run_file(tmp_path):
+    first, second = tracking.new_parent_run_file(tmp_path), tracking.new_parent_run_file(tmp_path)
+    assert first != second and first.parent == second.parent == (tmp_path / tracking.PARENT_RUN_DIR).resolve()
+
+
+def test_a_job_never_attaches_to_a_parent_run_of_another_experiment(tracking_store, tmp_path, capsys):
+    other = tmp_path / "other_parent"
+    tracking.start_workflow_run(uri=tracking_store, experiment="other", parent_run_file=other, config={})
+    with tracking.job_run(rule="r", wildcards={}, params={}, inputs=[], outputs=[], experiment="test",
+                          parent_run_file=other) as job:
+        pass
+    run = MlflowClient(tracking_store).get_run(job.run_id)
+    assert "mlflow.parentRunId" not in run.data.tags
+    assert "is not a parent run of this job's experiment" in capsys.readouterr().err
+
+
+DIES = """
+import os, signal, sys
+from virtualcell import tracking
+uri, parent_file, out = sys.argv[1:4]
+tracking.start_workflow_run(uri=uri, experiment="test", parent_run_file=parent_file, config={})
+with tracking.job_run(rule="train", wildcards={}, params={}, inputs=[], outputs=[out], uri=uri,
+                      experiment="test", parent_run_file=parent_file):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+LIVES = """
+import sys, time
+from virtualcell import tracking
+uri, parent_file = sys.argv[1:3]
+tracking.start_workflow_run(uri=uri, experiment="test", parent_run_file=parent_file, config={})
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def test_runs_of_a_killed_invocation_are_closed_by_the_next_and_a_live_ones_are_not(tracking_store, tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "results" / tracking.PARENT_RUN_DIR
+    dead_file, live_file = folder / f"dead{tracking.PARENT_RUN_SUFFIX}", folder / f"live{tracking.PARENT_RUN_SUFFIX}"
+    live = subprocess.Popen([sys.executable, "-c", LIVES, tracking_store, str(live_file)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert live.stdout.readline().strip() == "started"
+        killed = subprocess.run([sys.executable, "-c", DIES, tracking_store, str(dead_file), str(tmp_path / "x")],
+                                capture_output=True, text=True, timeout=120)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        client = MlflowClient(tracking_store)
+        dead_parent = dead_file.read_text().split()[0]
+        live_parent = live_file.read_text().split()[0]
+        (dead_job,) = client.search_runs([client.get_run(dead_parent).info.experiment_id],
+                                         filter_string=f"tags.mlflow.parentRunId = '{dead_parent}'")
+        assert dead_job.info.status == "RUNNING"
+
+        tracking.start_workflow_run(uri=tracking_store, experiment="test", parent_run_file=folder / "next",
+                                    config={})
+
+        for run_id in (dead_parent, dead_job.info.run_id):
+            run = client.get_run(run_id)
+            assert run.info.status == "KILLED" and run.data.tags[tracking.TAG_ERROR] == tracking.ABANDONED
+        assert not dead_file.exists()
+        assert client.get_run(live_parent).info.status == "RUNNING" and live_file.exists()
+    finally:
+        live.kill()
+        live.wait()

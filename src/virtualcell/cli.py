@@ -3,19 +3,28 @@
 Each rule in workflow/rules/ runs exactly one of these subcommands, passing its
 config section as ``--params`` (JSON). By hand, ``--configfile`` reads the
 section from a config file instead (validated, with the schema's defaults).
-Bad input ends with one line, ``error: <file>: <problem>; <fix>``, and exit code 1.
+Bad input ends with one line, ``error: <file>: <problem>; <fix>``, and exit code 1, and
+a failed step removes the outputs it had written, so none is mistaken for finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from virtualcell.errors import InputError
+
+# The workflow passes config `checkpoint_every` this way, not as a rule param: how often a
+# job saves a checkpoint does not change its result, so changing it must not rerun jobs.
+ENV_CHECKPOINT_EVERY = "VIRTUALCELL_CHECKPOINT_EVERY"
+TRAINING_STAGES = ("embed", "align", "simulate")
+
 
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a config file and validate it against the workflow's schema, filling defaults."""
@@ -59,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--jobid", help="Snakemake job id, recorded as a run tag")
         p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
         p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+        if name in TRAINING_STAGES:
+            p.add_argument("--device", default="auto")
+            p.add_argument("--checkpoint-every", type=int, default=int(os.environ.get(ENV_CHECKPOINT_EVERY, 0)),
+                           metavar="N", help="save a checkpoint every N epochs and resume from it after an "
+                           f"interruption (0: never; default ${ENV_CHECKPOINT_EVERY}, else 0)")
         return p
 
     p = stage("ingest", "read a dataset (or generate the synthetic one) into one .h5mu")
@@ -86,7 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
         _add(p, "--rna-model")
         _add(p, "--joint-model")
         _add(p, "--figure")
-        p.add_argument("--device", default="auto")
 
     p = stage("align", "contrastive RNA <-> protein alignment into a shared space")
     _add(p, "--dataset")
@@ -95,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--output")
     _add(p, "--model")
     _add(p, "--figure")
-    p.add_argument("--device", default="auto")
 
     p = stage("simulate", "fit the dynamics in the shared space with one time point held out (or none)")
     _add(p, "--dataset")
@@ -103,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--input")
     _add(p, "--output")
     _add(p, "--figure")
-    p.add_argument("--device", default="auto")
 
     p = stage("evaluate", "held-out time points and cross-modal retrieval against baselines")
     _add(p, "--dataset")
@@ -127,6 +138,7 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
     from virtualcell import stages
 
     device = getattr(args, "device", "auto")
+    every = getattr(args, "checkpoint_every", 0)
     wildcards = {"dataset": args.dataset}
     if args.stage == "ingest":
         return (f"datasets.{args.dataset}", [], [args.output], wildcards,
@@ -143,16 +155,17 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
         return ("embed", [args.input], [args.output, args.rna_model, args.joint_model, args.figure], wildcards,
                 lambda p, run: stages.embed(input=args.input, output=args.output, rna_model=args.rna_model,
                                             joint_model=args.joint_model, figure=args.figure, params=p,
-                                            device=device, run=run))
+                                            device=device, run=run, checkpoint_every=every))
     if args.stage == "align":
         return ("align", [args.input, args.embeddings], [args.output, args.model, args.figure], wildcards,
                 lambda p, run: stages.align(input=args.input, embeddings=args.embeddings, output=args.output,
                                             model=args.model, figure=args.figure, params=p, device=device,
-                                            run=run))
+                                            run=run, checkpoint_every=every))
     if args.stage == "simulate":
         return ("simulate", [args.input], [args.output, args.figure], wildcards | {"holdout": args.holdout},
                 lambda p, run: stages.simulate(input=args.input, holdout=args.holdout, output=args.output,
-                                               figure=args.figure, params=p, device=device, run=run))
+                                               figure=args.figure, params=p, device=device, run=run,
+                                               checkpoint_every=every))
     if args.stage == "evaluate":
         simulators = {}
         for item in args.simulator:
@@ -182,11 +195,27 @@ def run(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     section, inputs, outputs, wildcards, call = _plan(args)
     params = _section(args, section)
-    with tracking.job_run(
-        rule=args.stage, wildcards=wildcards, params=params, inputs=inputs, outputs=outputs,
-        jobid=args.jobid, enabled=not args.no_tracking,
-    ) as job:
-        call(params, job)
+    started = time.time()
+    try:
+        with tracking.job_run(
+            rule=args.stage, wildcards=wildcards, params=params, inputs=inputs, outputs=outputs,
+            jobid=args.jobid, enabled=not args.no_tracking,
+        ) as job:
+            call(params, job)
+    except BaseException:
+        remove_written(outputs, since=started)
+        raise
+
+
+def remove_written(outputs: list[str], *, since: float) -> None:
+    """Remove the outputs a failed step wrote, so that a partial set never looks finished.
+
+    Only files written since the step started go; an older file at an output path is
+    not this step's to delete (Snakemake removes those itself before it runs a job).
+    """
+    for path in map(Path, outputs):
+        if path.is_file() and path.stat().st_mtime >= since:
+            path.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,11 +24,16 @@ import pandas as pd
 import scipy.sparse as sp
 
 from virtualcell.errors import InputError
+from virtualcell.readers import check_spots_in_images
 
 RNA = "rna"
 PROT = "prot"
 SPATIAL = "spatial"
 COUNTS_LAYER = "counts"
+H5AD = "h5ad"
+H5MU = "h5mu"
+# the root attribute anndata and mudata write, and the format it means
+ENCODINGS = {"anndata": H5AD, "MuData": H5MU}
 # obs columns the rest of the pipeline reads, and the config key that names each source column
 OBS_KEYS = {"time": "time_key", "batch": "batch_key", "condition": "condition_key", "celltype": "celltype_key"}
 
@@ -48,10 +53,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp makes the file private (0600); give it the mode any new file gets here, so that
+        # results in a shared project folder stay readable by the group, as the umask intends.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 def write_h5mu(mdata: md.MuData, path: str | Path) -> None:
@@ -79,9 +96,7 @@ def write_figure(figure: Any, path: str | Path) -> None:
 
 
 def read_h5mu(path: str | Path) -> md.MuData:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found; check the path or rerun the step that writes it")
+    path = _check_container(path, H5MU)
     try:
         return md.read_h5mu(path)
     except Exception as exc:
@@ -92,9 +107,7 @@ def read_h5mu(path: str | Path) -> md.MuData:
 
 
 def read_h5ad(path: str | Path) -> ad.AnnData:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found; check the path or rerun the step that writes it")
+    path = _check_container(path, H5AD)
     try:
         return ad.read_h5ad(path)
     except Exception as exc:
@@ -102,6 +115,81 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
             f"{path}: cannot be read as .h5ad ({type(exc).__name__}: {exc}); the file is corrupt or "
             "truncated, write it again"
         ) from None
+
+
+def read_model(cls: type, path: str | Path):
+    """Load a model file with ``cls.load`` (weights only), naming the file when it cannot be loaded."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found; check the path or rerun the step that writes it")
+    try:
+        return cls.load(path)
+    except InputError:
+        raise
+    except Exception as exc:
+        # The first sentence: torch appends paragraphs of advice to its errors.
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else ""
+        raise InputError(
+            f"{path}: cannot be loaded as a {cls.__name__} ({type(exc).__name__}: {reason}); the file is "
+            "corrupt, truncated or not a virtualcell model file (these load weights only, never code), "
+            "rerun the step that writes it"
+        ) from None
+
+
+def _check_container(path: str | Path, expected: str) -> Path:
+    """Name what is wrong before the reader does: a missing or empty file, or another format."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found; check the path or rerun the step that writes it")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an .{expected} file; point to the file")
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if not head:
+        raise InputError(f"{path}: empty file (0 bytes); the write was interrupted or the path is wrong, "
+                         "write it again")
+    import h5py
+
+    # h5py finds the signature after a user block too (.h5mu files start with a text header).
+    if not h5py.is_hdf5(path):
+        raise InputError(
+            f"{path}: cannot be read as .{expected}: not an HDF5 file, it holds {_describe(head)}; "
+            f"point to an .{expected} file or declare the source that matches the file"
+        )
+    try:
+        with h5py.File(path, "r") as h5:
+            encoding = h5.attrs.get("encoding-type")
+            tenx = "matrix" in h5
+    except Exception as exc:
+        raise InputError(
+            f"{path}: cannot be read as .{expected} ({type(exc).__name__}: {exc}); the file is corrupt or "
+            "truncated, write it again"
+        ) from None
+    found = ENCODINGS.get(encoding.decode() if isinstance(encoding, bytes) else encoding)
+    if found is not None and found != expected:
+        raise InputError(
+            f"{path}: cannot be read as .{expected}: it is an .{found} file; declare source: {found} for "
+            f"this dataset or point to an .{expected} file"
+        )
+    if found is None and tenx:
+        raise InputError(
+            f"{path}: cannot be read as .{expected}: it is a 10x Genomics .h5 matrix; convert it to .h5ad "
+            "(scanpy.read_10x_h5(path).write_h5ad(...)) and declare source: h5ad"
+        )
+    return path
+
+
+def _describe(head: bytes) -> str:
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip-compressed data"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data of another format"
+    first = text.splitlines()[0][:40] if text.strip() else ""
+    return f"text starting {first!r}"
 
 
 # ---------------------------------------------------------------------------
@@ -191,16 +279,28 @@ def harmonise(mdata: md.MuData, spec: Mapping[str, Any], *, origin: str) -> md.M
             )
         for std, key in OBS_KEYS.items():
             column = spec.get(key)
-            if column and column in adata.obs:
+            if not column:
+                continue
+            if column in adata.obs:
                 adata.obs[std] = adata.obs[column]
+            elif column in mdata.obs:
+                adata.obs[std] = mdata.obs[column].reindex(adata.obs_names)
+            elif mod_name == RNA:
+                raise InputError(
+                    f"{origin}: no obs column '{column}' (config {key}; found {sorted(map(str, adata.obs))[:20]}); "
+                    f"fix {key} in the config or leave it empty"
+                )
         if "time" in adata.obs:
             times = pd.to_numeric(adata.obs["time"], errors="coerce")
             if times.isna().any():
+                bad = adata.obs["time"][times.isna()].iloc[0]
                 raise InputError(
-                    f"{origin}: time column '{spec.get('time_key')}' has non-numeric values; "
-                    "store time as numbers (e.g. days)"
+                    f"{origin}: time column '{spec.get('time_key')}' has non-numeric values (e.g. {bad!r} in "
+                    f"modality {mod_name}); store every cell's time as a number (e.g. days)"
                 )
             adata.obs["time"] = times.astype(float)
+    if SPATIAL in mdata.mod:
+        check_spots_in_images(mdata.mod[SPATIAL], origin=f"{origin} [{SPATIAL}]")
     mdata.update()
     return mdata
 

@@ -8,9 +8,12 @@ and reports through the :class:`virtualcell.tracking.JobRun` it is given.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,19 +61,98 @@ def _figure():
 
 
 # ---------------------------------------------------------------------------
+# resumable training
+
+CHECKPOINTS = ".checkpoints"
+
+
+def checkpoint_file(model: str | Path, *, every: int, settings: Mapping[str, Any],
+                    arrays: list[np.ndarray]) -> Path | None:
+    """The file a training job saves every ``every`` epochs and resumes from; None when ``every`` is 0.
+
+    It sits in ``.checkpoints/`` beside the model output: not a declared output, so
+    Snakemake's ``--rerun-incomplete`` keeps it. A checkpoint does not record what it was
+    trained on, so its name holds a hash of the settings, the network's shapes and the
+    training arrays: a job never resumes from a checkpoint of other data or settings, and
+    deletes such a stale one (and the temp file of an interrupted checkpoint write).
+    """
+    if every <= 0:
+        return None
+    model = Path(model)
+    folder = model.parent / CHECKPOINTS
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array)
+    path = folder / f"{model.stem}.{digest.hexdigest()[:16]}.pt"
+    for old in [*folder.glob(f"{model.stem}.*.pt"), *folder.glob(f".{model.stem}.*.tmp")]:
+        if old != path:
+            say(f"deleting {old}: a checkpoint of other data or settings, or an interrupted write")
+            old.unlink()
+    return path
+
+
+def remove_checkpoints(*paths: Path | None) -> None:
+    """Once the outputs are written, a job's checkpoints (and their folder, when empty) go."""
+    for path in paths:
+        if path is not None:
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+
+
+def _network(model) -> dict[str, list[int]]:
+    """The parameter shapes of a model's network: part of what a checkpoint must match."""
+    return {k: list(v.shape) for k, v in model.module.state_dict().items()}
+
+
+def _fit(fit: Callable[..., list], *, run: JobRun, prefix: str, checkpoint: Path | None,
+         every: int) -> list[dict[str, Any]]:
+    """Call ``fit`` with the checkpoint and an epoch logger. Epochs restored from a checkpoint are
+    logged after training, so a resumed job's run still holds every epoch."""
+    log = run.epoch_logger(prefix)
+    logged: set[int] = set()
+
+    def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
+        logged.add(epoch)
+        log(epoch, metrics)
+
+    history = fit(on_epoch=on_epoch, checkpoint_path=checkpoint, checkpoint_every=every if checkpoint else 0)
+    for entry in history:
+        if entry["epoch"] not in logged:
+            log(entry["epoch"], {k: v for k, v in entry.items() if k != "epoch"})
+    return history
+
+
+# ---------------------------------------------------------------------------
 
 
 def ingest(*, dataset: str, spec: Mapping[str, Any], output: str, run: JobRun) -> None:
+    """Read the dataset and check, before any training, what the later stages need of it:
+    protein counts for the alignment, cells in common between RNA and protein, and for the
+    simulator at least 3 time points with the held-out ones interior."""
+    from virtualcell.pairing import paired_cells
+
     say(f"ingest {dataset} from {spec['source']}")
     mdata = io.read_dataset(dataset, spec)
+    origin = spec.get("path") or f"synthetic dataset {dataset}"
+    if PROT not in mdata.mod:
+        raise InputError(
+            f"{origin}: no '{PROT}' modality (found {sorted(mdata.mod)}); the align stage needs protein counts: "
+            f"name that modality '{PROT}' in the .h5mu, or for an .h5ad set protein_obsm_key "
+            f"(config datasets.{dataset})"
+        )
+    paired = paired_cells(mdata, origin=origin)
+    if "time" in mdata.mod[RNA].obs:
+        times = observed_times(mdata.mod[RNA].obs, origin=origin)
+        check_holdouts(spec.get("holdouts", "auto"), times, origin=f"{origin} (config datasets.{dataset}.holdouts)")
     summary = {
         "cells": int(mdata.n_obs),
         **{f"{name}.cells": int(a.n_obs) for name, a in mdata.mod.items()},
         **{f"{name}.features": int(a.n_vars) for name, a in mdata.mod.items()},
+        "prot.paired_fraction": len(paired) / max(mdata.mod[RNA].n_obs, 1),
     }
-    if PROT in mdata.mod:
-        paired = mdata.mod[RNA].obs_names.intersection(mdata.mod[PROT].obs_names)
-        summary["prot.paired_fraction"] = len(paired) / max(mdata.mod[RNA].n_obs, 1)
     run.log_metrics({f"ingest.{k}": v for k, v in summary.items()})
     run.log_dict(summary, "ingest_summary.json")
     io.write_h5mu(mdata, output)
@@ -117,7 +199,7 @@ def _model_inputs(paired) -> tuple[np.ndarray, np.ndarray | None, pd.DataFrame]:
 
 
 def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: str,
-          params: Mapping[str, Any], device: str, run: JobRun) -> None:
+          params: Mapping[str, Any], device: str, run: JobRun, checkpoint_every: int = 0) -> None:
     from virtualcell.models.vae import CountEncoder
 
     if params["method"] != "nb_vae":
@@ -134,12 +216,15 @@ def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: 
         blocks["joint"] = (joint, [x_rna.shape[1], x_prot.shape[1]], joint_model, EMBED_JOINT)
     out = ad.AnnData(obs=obs)
     histories = {}
+    checkpoints = []
     for name, (x, sizes, path, key) in blocks.items():
         say(f"embed: training the {name} NB-VAE on {int(train.sum())} cells x {x.shape[1]} features")
         model = CountEncoder(sizes, **module_kwargs)
-        histories[name] = model.fit(
-            x[train], x_val=x[val] if val.any() else None, device=device,
-            on_epoch=run.epoch_logger(f"embed.{name}"), **fit_kwargs,
+        checkpoints.append(checkpoint_file(path, every=checkpoint_every, arrays=[x[train], x[val]],
+                                           settings={"params": params, "network": _network(model)}))
+        histories[name] = _fit(
+            functools.partial(model.fit, x[train], x_val=x[val] if val.any() else None, device=device, **fit_kwargs),
+            run=run, prefix=f"embed.{name}", checkpoint=checkpoints[-1], every=checkpoint_every,
         )
         out.obsm[key] = model.encode(x)
         io.atomic_write(path, model.save)
@@ -159,10 +244,11 @@ def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: 
     run.log_figure(fig, "embed_loss.png")
     io.write_figure(fig, figure)
     io.write_h5ad(out, output)
+    remove_checkpoints(*checkpoints)
 
 
 def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
-          params: Mapping[str, Any], device: str, run: JobRun) -> None:
+          params: Mapping[str, Any], device: str, run: JobRun, checkpoint_every: int = 0) -> None:
     from virtualcell.evaluate import retrieval_metrics
     from virtualcell.models.contrastive import Aligner
 
@@ -182,10 +268,15 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
         init_temperature=params["temperature"], learn_temperature=params["learn_temperature"],
     )
     say(f"align: CLIP RNA latent ({xa.shape[1]}) <-> protein CLR ({xb.shape[1]}) on {int(train.sum())} cells")
-    history = aligner.fit(
-        xa[train], xb[train], xa_val=xa[val] if val.any() else None, xb_val=xb[val] if val.any() else None,
-        epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"], seed=params["seed"],
-        device=device, on_epoch=run.epoch_logger("align"),
+    checkpoint = checkpoint_file(model, every=checkpoint_every, arrays=[xa[train], xb[train], xa[val], xb[val]],
+                                 settings={"params": params, "network": _network(aligner)})
+    history = _fit(
+        functools.partial(
+            aligner.fit, xa[train], xb[train], xa_val=xa[val] if val.any() else None,
+            xb_val=xb[val] if val.any() else None, epochs=params["epochs"], batch_size=params["batch_size"],
+            lr=params["lr"], seed=params["seed"], device=device,
+        ),
+        run=run, prefix="align", checkpoint=checkpoint, every=checkpoint_every,
     )
     za, zb = aligner.embed("rna", xa), aligner.embed("prot", xb)
     both = za + zb
@@ -208,6 +299,7 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     run.log_artifact(model, artifact_path="models")
     io.write_figure(fig, figure)
     io.write_h5ad(out, output)
+    remove_checkpoints(checkpoint)
     say(f"align: test retrieval {metrics}")
 
 
@@ -217,7 +309,8 @@ def observed_times(obs: pd.DataFrame, *, origin: str) -> np.ndarray:
     times = np.unique(obs["time"].to_numpy(dtype=float))
     if len(times) < 3:
         raise InputError(
-            f"{origin}: {len(times)} time point(s) {list(times)}; the simulator needs at least 3"
+            f"{origin}: {len(times)} time point(s) {times.tolist()}; the simulator needs at least 3 (an interior "
+            "one to hold out): add time points, or leave time_key empty to skip the simulator"
         )
     return times
 
@@ -235,8 +328,15 @@ def parse_holdout(holdout: str, times: np.ndarray, *, origin: str) -> float | No
     return float(matches[0])
 
 
+def check_holdouts(holdouts: str | list[float], times: np.ndarray, *, origin: str) -> None:
+    """Every listed held-out time point must be an interior time point (``auto`` picks them so)."""
+    if holdouts != "auto":
+        for time in holdouts:
+            parse_holdout(holdout_label(time), times, origin=origin)
+
+
 def simulate(*, input: str, holdout: str, output: str, figure: str, params: Mapping[str, Any],
-             device: str, run: JobRun) -> None:
+             device: str, run: JobRun, checkpoint_every: int = 0) -> None:
     from virtualcell.models.dynamics import Simulator
 
     if params["method"] != "ot_cfm":
@@ -247,17 +347,23 @@ def simulate(*, input: str, holdout: str, output: str, figure: str, params: Mapp
     t = shared.obs["time"].to_numpy(dtype=float)
     x = np.asarray(shared.obsm[SHARED], dtype=np.float32)
     keep = t != held if held is not None else np.ones(len(t), bool)
-    say(f"simulate: OT flow matching on {int(keep.sum())} cells at times {sorted(set(t[keep]))}"
+    say(f"simulate: OT flow matching on {int(keep.sum())} cells at times {sorted(set(t[keep].tolist()))}"
         f" (held out: {holdout})")
     sim = Simulator(x.shape[1], n_hidden=params["n_hidden"], n_layers=params["n_layers"],
                     potential=params["potential"])
-    sim.fit(x[keep], t[keep], epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"],
-            sigma=params["sigma"], seed=params["seed"], device=device, on_epoch=run.epoch_logger("simulate"))
+    checkpoint = checkpoint_file(output, every=checkpoint_every, arrays=[x[keep], t[keep]],
+                                 settings={"params": params, "holdout": holdout, "network": _network(sim)})
+    _fit(
+        functools.partial(sim.fit, x[keep], t[keep], epochs=params["epochs"], batch_size=params["batch_size"],
+                          lr=params["lr"], sigma=params["sigma"], seed=params["seed"], device=device),
+        run=run, prefix="simulate", checkpoint=checkpoint, every=checkpoint_every,
+    )
     io.atomic_write(output, sim.save)
     run.log_artifact(output, artifact_path="models")
     fig = trajectory_figure(sim, x, t, held=held, n_steps=params["n_steps"])
     run.log_figure(fig, "trajectories.png")
     io.write_figure(fig, figure)
+    remove_checkpoints(checkpoint)
 
 
 def trajectory_figure(sim, x: np.ndarray, t: np.ndarray, *, held: float | None, n_steps: int):
@@ -321,7 +427,7 @@ def evaluate(*, shared: str, simulators: Mapping[str, str], output: str, figure:
             prev, nxt = times[times < held].max(), times[times > held].min()
             x_prev, x_true, x_next = x[t == prev], x[t == held], x[t == nxt]
             alpha = (held - prev) / (nxt - prev)
-            sim = Simulator.load(path)
+            sim = io.read_model(Simulator, path)
             predictions = {
                 "model": sim.simulate(x_prev.astype(np.float32), t0=float(prev), t1=float(held),
                                       n_steps=params["n_steps"]),
@@ -419,8 +525,10 @@ def metrics_figure(metrics: Mapping[str, Any]):
 def register(*, simulator: str, shared: str, metrics: str, output: str, summary: str, dataset: str,
              params: Mapping[str, Any], run: JobRun) -> None:
     """Log the final simulator as a pyfunc model and register it as ``virtualcell-{dataset}``."""
+    from virtualcell.models.dynamics import Simulator
     from virtualcell.tracking import simulator_input_example
 
+    io.read_model(Simulator, simulator)  # a corrupt file fails here, named, not inside MLflow
     data = io.read_h5ad(shared)
     t = data.obs["time"].to_numpy(dtype=float) if "time" in data.obs else np.zeros(data.n_obs)
     example = simulator_input_example(np.asarray(data.obsm[SHARED])[:5], t_start=float(np.min(t)), horizon=1.0)

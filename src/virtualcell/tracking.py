@@ -6,7 +6,10 @@ How runs are laid out (see DESIGN.md, "MLflow contract"):
 - one *parent* run per workflow invocation, opened by the main Snakemake
   process (``onstart``) and closed by ``onsuccess``/``onerror``; its id is
   written to a file that every job reads, because jobs run as separate
-  processes (and on SLURM, on other nodes sharing the filesystem);
+  processes (and on SLURM, on other nodes sharing the filesystem). The file is
+  per invocation (:func:`new_parent_run_file`), so two invocations sharing a
+  results folder never attach jobs to each other's parent run, and a job
+  attaches only to a parent run of its own experiment;
 - one *child* run per job, opened by :func:`job_run` around the job's work;
   it logs the job's config section as params, the sha256 and size of every
   input and output file, metrics, figures, tables and models, and ends
@@ -26,8 +29,10 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,8 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+
+from virtualcell.errors import InputError
 
 ENV_TRACKING_URI = "VIRTUALCELL_TRACKING_URI"
 ENV_EXPERIMENT = "VIRTUALCELL_EXPERIMENT"
@@ -46,6 +53,14 @@ DEFAULT_ARTIFACTS = "results/mlartifacts"
 LINEAGE_SUFFIX = ".mlflow_run"
 # SQLite serialises writers; parallel jobs wait on the lock instead of failing.
 SQLITE_TIMEOUT_S = 120
+# How long a tracking server may take to answer before the workflow (or a job) gives up on it.
+REACHABLE_TIMEOUT_S = 5.0
+PARENT_RUN_DIR = ".virtualcell"
+PARENT_RUN_SUFFIX = ".parent_run_id"
+ABANDONED = (
+    "killed: the workflow invocation ended without closing this run (SIGKILL, node failure or power loss); "
+    "a later invocation closed it"
+)
 
 TAG_RULE = "virtualcell.rule"
 TAG_WILDCARDS = "virtualcell.wildcards"
@@ -54,6 +69,8 @@ TAG_UPSTREAM = "virtualcell.upstream_runs"
 TAG_ERROR = "virtualcell.error"
 TAG_GIT = "mlflow.source.git.commit"
 TAG_KIND = "virtualcell.kind"
+# On a cluster the scheduler's job id, the one its logs and accounting know the job by.
+TAG_SLURM_JOBID = "slurm.job_id"
 
 
 def resolve_tracking_uri(configured: str | None = None, *, workdir: str | Path = ".") -> str:
@@ -86,14 +103,47 @@ def _local_artifact_location(uri: str) -> str | None:
     return None
 
 
+def _job_uri(uri: str | None) -> str:
+    return uri or os.environ.get(ENV_TRACKING_URI) or resolve_tracking_uri()
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while MLflow opens it.
+
+    Opening a store creates or migrates its tables, and MLflow does not guard that
+    against other processes: jobs that open a fresh store at once fail with
+    "duplicate column" or "table already exists". Other stores need no lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///") :].partition("?")[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no POSIX locks, jobs start one at a time there
+        yield
+        return
+    with open(db.parent / f".{db.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _configure(uri: str | None, experiment: str | None) -> str:
     """Point MLflow at the store and experiment; return the experiment id."""
 
-    uri = uri or os.environ.get(ENV_TRACKING_URI) or resolve_tracking_uri()
+    uri = _job_uri(uri)
     experiment = experiment or os.environ.get(ENV_EXPERIMENT) or DEFAULT_EXPERIMENT
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :].partition("?")[0]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    with _store_lock(uri):
+        return _experiment_id(experiment, uri)
+
+
+def _experiment_id(experiment: str, uri: str) -> str:
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         experiment_id = found.experiment_id
@@ -112,8 +162,16 @@ def _configure(uri: str | None, experiment: str | None) -> str:
     return experiment_id
 
 
-def check_reachable(uri: str, *, timeout_s: float = 10.0) -> None:
-    """Fail fast, naming the URI, when an HTTP tracking server does not answer."""
+class UnreachableServerError(InputError, RuntimeError):
+    """The tracking server does not answer: one line naming the URI, like any bad input."""
+
+
+def check_reachable(uri: str, *, timeout_s: float = REACHABLE_TIMEOUT_S) -> None:
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer.
+
+    Any HTTP answer counts as reachable (a proxy that asks for credentials answers 401);
+    only a refused, unresolvable or silent connection fails, within ``timeout_s``.
+    """
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -121,10 +179,13 @@ def check_reachable(uri: str, *, timeout_s: float = 10.0) -> None:
 
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).read()
+    except urllib.error.HTTPError:
+        return
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise RuntimeError(
-            f"MLflow tracking server {uri} is not reachable ({exc}); start it "
-            "(see README, 'Tracking server') or set mlflow.tracking_uri / MLFLOW_TRACKING_URI"
+        reason = getattr(exc, "reason", None) or exc or type(exc).__name__
+        raise UnreachableServerError(
+            f"mlflow.tracking_uri: {uri} is not reachable ({reason}, waited at most {timeout_s:g} s); start the "
+            "tracking server, or fix mlflow.tracking_uri in the config / MLFLOW_TRACKING_URI"
         ) from None
 
 
@@ -143,6 +204,91 @@ def git_commit(path: str | Path = ".") -> str | None:
 # parent run: one per workflow invocation
 
 
+def new_parent_run_file(results: str | Path) -> Path:
+    """A fresh path for one workflow invocation's parent run id, under ``results``.
+
+    One per invocation, not one per results folder: two invocations that share the
+    folder (other configs, other targets) then never read each other's parent run id.
+    """
+    name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}{PARENT_RUN_SUFFIX}"
+    return (Path(results) / PARENT_RUN_DIR / name).resolve()
+
+
+# The parent-run file of this process's invocation, kept open and locked while the process lives:
+# the kernel drops the lock when the process dies, however it dies, which is how a later
+# invocation tells an abandoned file from the file of an invocation still running beside it.
+_held: dict[Path, Any] = {}
+
+
+def _lock(handle: Any, *, wait: bool) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no POSIX locks, so no file is ever taken for abandoned
+        return not wait
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _write_parent_run_file(path: Path, run_id: str, uri: str) -> None:
+    """Create the file and lock it before it has content, so nobody ever takes it for abandoned."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    _lock(handle, wait=True)
+    handle.truncate(0)
+    handle.write(f"{run_id}\n{uri}\n")
+    handle.flush()
+    _held[path] = handle
+
+
+def _parent_run_file_id(path: str | Path) -> str | None:
+    """The run id in a parent-run file (its first line; the second is the tracking URI)."""
+    lines = Path(path).read_text().split()
+    return lines[0] if lines else None
+
+
+def close_abandoned_runs(folder: str | Path, *, uri: str) -> list[str]:
+    """Close, as KILLED, the runs of earlier invocations that died without closing them.
+
+    Such an invocation leaves its parent-run file behind, unlocked; its parent run and the
+    job runs that were still open stay RUNNING in the store. Only files of this store are
+    handled; the files of invocations that are still running are locked, and left alone.
+    Returns the ids of the runs closed.
+    """
+    from mlflow.tracking import MlflowClient
+
+    closed: list[str] = []
+    for path in sorted(Path(folder).glob(f"*{PARENT_RUN_SUFFIX}")):
+        if path.resolve() in _held:
+            continue
+        with open(path) as handle:
+            if not _lock(handle, wait=False):
+                continue
+            lines = handle.read().split()
+            if len(lines) < 2 or lines[1] != uri:
+                continue  # being written right now, or another store's
+            try:
+                client = MlflowClient(tracking_uri=uri)
+                parent = client.get_run(lines[0])
+                open_children = client.search_runs(
+                    [parent.info.experiment_id],
+                    filter_string=f"tags.mlflow.parentRunId = '{lines[0]}' and attributes.status = 'RUNNING'",
+                )
+                for run in [*open_children, parent]:
+                    if run.info.status == "RUNNING":
+                        client.set_tag(run.info.run_id, TAG_ERROR, ABANDONED)
+                        client.set_terminated(run.info.run_id, status="KILLED")
+                        closed.append(run.info.run_id)
+            except Exception as exc:
+                print(f"[virtualcell] {path}: could not close the runs it names ({exc}); left for later",
+                      file=sys.stderr)
+                continue
+            path.unlink()
+    return closed
+
+
 def start_workflow_run(
     *, uri: str, experiment: str, parent_run_file: str | Path, config: Mapping[str, Any],
     workdir: str | Path = ".",
@@ -151,31 +297,46 @@ def start_workflow_run(
 
     check_reachable(uri)
     _configure(uri, experiment)
+    parent_run_file = Path(parent_run_file).resolve()
+    close_abandoned_runs(parent_run_file.parent, uri=uri)
     tags = {TAG_KIND: "workflow"}
     commit = git_commit(workdir)
     if commit:
         tags[TAG_GIT] = commit
     run = mlflow.start_run(run_name=f"workflow-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
     mlflow.log_dict(dict(config), "config.json")
-    _atomic_write_text(Path(parent_run_file), run.info.run_id)
+    _write_parent_run_file(parent_run_file, run.info.run_id, uri)
     mlflow.end_run(status="RUNNING")
     return run.info.run_id
 
 
 def end_workflow_run(*, uri: str, parent_run_file: str | Path, status: str,
                      log: str | Iterable[str] | None = None) -> None:
-    """Close the parent run (FINISHED or FAILED) and attach the Snakemake log(s)."""
+    """Close the parent run (FINISHED or FAILED) and attach the Snakemake log(s).
+
+    Job runs still open under it belong to jobs that were killed (out of memory, a time
+    limit) while the workflow went on: they end KILLED. The parent-run file is removed.
+    """
     from mlflow.tracking import MlflowClient
 
-    path = Path(parent_run_file)
+    path = Path(parent_run_file).resolve()
     if not path.exists():
         return
     client = MlflowClient(tracking_uri=uri)
-    run_id = path.read_text().strip()
-    for path in [log] if isinstance(log, str) else (log or []):
-        if Path(path).exists():
-            client.log_artifact(run_id, str(path), artifact_path="snakemake")
+    run_id = _parent_run_file_id(path)
+    for log_path in [log] if isinstance(log, str) else (log or []):
+        if Path(log_path).exists():
+            client.log_artifact(run_id, str(log_path), artifact_path="snakemake")
+    experiment_id = client.get_run(run_id).info.experiment_id
+    for child in client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"
+    ):
+        client.set_tag(child.info.run_id, TAG_ERROR, "killed: the job ended without closing its run")
+        client.set_terminated(child.info.run_id, status="KILLED")
     client.set_terminated(run_id, status=status)
+    path.unlink(missing_ok=True)
+    if path in _held:
+        _held.pop(path).close()
 
 
 # ---------------------------------------------------------------------------
@@ -305,11 +466,10 @@ def job_run(
 
     inputs = [Path(p) for p in inputs]
     outputs = [Path(p) for p in outputs]
-    _configure(uri, experiment)
-    parent_file = parent_run_file or os.environ.get(ENV_PARENT_RUN_FILE)
-    parent_id = None
-    if parent_file and Path(parent_file).exists():
-        parent_id = Path(parent_file).read_text().strip() or None
+    uri = _job_uri(uri)
+    check_reachable(uri)
+    experiment_id = _configure(uri, experiment)
+    parent_id = _parent_run_id(parent_run_file or os.environ.get(ENV_PARENT_RUN_FILE), experiment_id)
     upstream = sorted({r for p in inputs if (r := read_lineage(p))})
     tags = {
         TAG_KIND: "job",
@@ -320,6 +480,8 @@ def job_run(
     }
     if jobid is not None:
         tags[TAG_JOBID] = str(jobid)
+    if os.environ.get("SLURM_JOB_ID"):
+        tags[TAG_SLURM_JOBID] = os.environ["SLURM_JOB_ID"]
     commit = git_commit()
     if commit:
         tags[TAG_GIT] = commit
@@ -351,6 +513,24 @@ def job_run(
     mlflow.end_run(status="FINISHED")
 
 
+def _parent_run_id(parent_file: str | Path | None, experiment_id: str) -> str | None:
+    """The invocation's parent run, if its file names a run of this job's experiment."""
+    if not parent_file or not Path(parent_file).exists():
+        return None
+    parent_id = _parent_run_file_id(parent_file)
+    if not parent_id:
+        return None
+    try:
+        parent = mlflow.get_run(parent_id)
+    except Exception:
+        parent = None
+    if parent is None or parent.info.experiment_id != experiment_id:
+        print(f"[virtualcell] {parent_file}: run {parent_id} is not a parent run of this job's experiment; "
+              "the job's run is recorded without a parent", file=sys.stderr)
+        return None
+    return parent_id
+
+
 def _with_retry(call: Callable[[], Any], attempts: int = 5) -> Any:
     """SQLite can still report a lock past its timeout under heavy contention: wait, retry."""
     for i in range(attempts):
@@ -359,6 +539,7 @@ def _with_retry(call: Callable[[], Any], attempts: int = 5) -> Any:
         except Exception as exc:  # pragma: no cover - depends on timing
             if "locked" not in str(exc) or i == attempts - 1:
                 raise
+            print(f"[virtualcell] tracking store locked ({exc}); retrying", file=sys.stderr)
             time.sleep(1 + i)
 
 
