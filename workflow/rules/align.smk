@@ -14,12 +14,15 @@ rule align:
     params:
         cfg=as_json(config["align"]),
         device=config["device"],
+    conda:
+        "../../envs/train.yaml"
     log:
         f"{LOGS}/{{dataset}}/align.log",
     threads: res("align", "threads", 1)
     resources:
         mem_mb=res("align", "mem_mb", 8000),
         runtime=res("align", "runtime", 60),
+        gpu=res("align", "gpu", 0),
     shell:
         "virtualcell align --dataset {wildcards.dataset} --input {input.data}"
         " --embeddings {input.embeddings} --output {output.shared} --model {output.model}"

@@ -1,12 +1,14 @@
 import json
 import os
 
+import numpy as np
 from snakemake.exceptions import WorkflowError
 
 from virtualcell import tracking
+from virtualcell.cli import ENV_CHECKPOINT_EVERY
 from virtualcell.config import validate_config
 from virtualcell.errors import InputError
-from virtualcell.stages import NO_HOLDOUT, holdout_label
+from virtualcell.stages import NO_HOLDOUT, check_holdouts, holdout_label
 
 try:
     # In place: Snakemake keeps its own reference to this dict.
@@ -22,12 +24,23 @@ wildcard_constraints:
     holdout="[0-9.]+|none",
 
 # Jobs (local subprocesses, or SLURM jobs that re-read this file) learn where to
-# track from the environment, so tracking settings never trigger a rerun.
+# track and how often to checkpoint from the environment, so these settings never
+# trigger a rerun.
 TRACKING_URI = tracking.resolve_tracking_uri(config["mlflow"]["tracking_uri"])
-PARENT_RUN_FILE = os.path.abspath(f"{RESULTS}/.virtualcell/parent_run_id")
+if workflow.is_main_process:
+    # Before any job starts, dry runs included: an unreachable server fails here in seconds.
+    try:
+        tracking.check_reachable(TRACKING_URI)
+    except InputError as exc:
+        raise WorkflowError(str(exc)) from None
+    # One parent-run file per invocation; its jobs inherit the path (SLURM exports the
+    # environment), so invocations sharing results/ never attach to each other's parent.
+    os.environ[tracking.ENV_PARENT_RUN_FILE] = str(tracking.new_parent_run_file(RESULTS))
+PARENT_RUN_FILE = os.environ.get(tracking.ENV_PARENT_RUN_FILE) or str(tracking.new_parent_run_file(RESULTS))
 os.environ[tracking.ENV_TRACKING_URI] = TRACKING_URI
 os.environ[tracking.ENV_EXPERIMENT] = config["mlflow"]["experiment"]
 os.environ[tracking.ENV_PARENT_RUN_FILE] = PARENT_RUN_FILE
+os.environ[ENV_CHECKPOINT_EVERY] = str(config["checkpoint_every"])
 
 
 def as_json(section):
@@ -65,7 +78,18 @@ def get_holdouts(dataset):
         held = times[1:-1]
     else:
         held = spec["holdouts"]
+        if spec["source"] == "synthetic":
+            # The generator's time points are known now; a file's are checked at ingest.
+            try:
+                check_holdouts(held, np.unique(spec["generator"]["time_points"]),
+                               origin=f"config datasets.{dataset}.holdouts")
+            except InputError as exc:
+                raise WorkflowError(str(exc)) from None
     return [holdout_label(t) for t in held] + [NO_HOLDOUT]
+
+
+for _dataset in config["datasets"]:
+    get_holdouts(_dataset)  # a held-out time point that is not interior fails at start, not in a job
 
 
 def get_simulators(wildcards):
@@ -96,6 +120,14 @@ def res(rule_name, key, default):
 
 
 onstart:
+    if workflow.non_local_exec and TRACKING_URI.startswith("sqlite:"):
+        # Jobs on other nodes would write one SQLite file over the shared filesystem at once.
+        logger.warning(
+            f"MLflow tracks to SQLite ({TRACKING_URI.partition('?')[0]}) while jobs run on cluster "
+            "nodes: SQLite locking is not safe across nodes on a shared filesystem, so runs can be "
+            "lost or the store damaged. Start an `mlflow server` and set MLFLOW_TRACKING_URI or "
+            "mlflow.tracking_uri to it (docs/HPC.md, 'Tracking from many nodes')."
+        )
     tracking.start_workflow_run(
         uri=TRACKING_URI,
         experiment=config["mlflow"]["experiment"],

@@ -14,12 +14,15 @@ rule embed:
     params:
         cfg=as_json(config["embed"]),
         device=config["device"],
+    conda:
+        "../../envs/train.yaml"
     log:
         f"{LOGS}/{{dataset}}/embed.log",
     threads: res("embed", "threads", 1)
     resources:
         mem_mb=res("embed", "mem_mb", 8000),
         runtime=res("embed", "runtime", 60),
+        gpu=res("embed", "gpu", 0),
     shell:
         "virtualcell embed --dataset {wildcards.dataset} --input {input.data}"
         " --output {output.embeddings} --rna-model {output.rna_model}"

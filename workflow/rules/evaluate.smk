@@ -13,6 +13,8 @@ rule evaluate:
     params:
         cfg=as_json(config["evaluate"]),
         simulators=simulator_args,
+    conda:
+        "../../envs/evaluate.yaml"
     log:
         f"{LOGS}/{{dataset}}/evaluate.log",
     threads: res("evaluate", "threads", 1)

@@ -5,6 +5,8 @@ rule ingest:
         data=f"{RESULTS}/{{dataset}}/ingest.h5mu",
     params:
         cfg=dataset_spec,
+    conda:
+        "../../envs/data.yaml"
     log:
         f"{LOGS}/{{dataset}}/ingest.log",
     threads: res("ingest", "threads", 1)

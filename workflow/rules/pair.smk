@@ -6,6 +6,8 @@ rule pair:
         split=f"{RESULTS}/{{dataset}}/pairs/split.tsv",
     params:
         cfg=as_json(config["pair"]),
+    conda:
+        "../../envs/data.yaml"
     log:
         f"{LOGS}/{{dataset}}/pair.log",
     threads: res("pair", "threads", 1)

@@ -12,6 +12,8 @@ rule qc:
         ),
     params:
         cfg=as_json(config["qc"]),
+    conda:
+        "../../envs/data.yaml"
     log:
         f"{LOGS}/{{dataset}}/qc.log",
     threads: res("qc", "threads", 1)

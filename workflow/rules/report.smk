@@ -13,6 +13,8 @@ rule report:
         ),
     params:
         cfg=as_json({"register": config["mlflow"]["register"]}),
+    conda:
+        "../../envs/evaluate.yaml"
     log:
         f"{LOGS}/{{dataset}}/report.log",
     threads: res("report", "threads", 1)

@@ -13,12 +13,15 @@ rule simulate:
     params:
         cfg=as_json(config["simulate"]),
         device=config["device"],
+    conda:
+        "../../envs/train.yaml"
     log:
         f"{LOGS}/{{dataset}}/simulate/{{holdout}}.log",
     threads: res("simulate", "threads", 1)
     resources:
         mem_mb=res("simulate", "mem_mb", 8000),
         runtime=res("simulate", "runtime", 60),
+        gpu=res("simulate", "gpu", 0),
     shell:
         "virtualcell simulate --dataset {wildcards.dataset} --holdout {wildcards.holdout}"
         " --input {input.shared} --output {output.model} --figure {output.figure}"

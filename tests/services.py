@@ -1,0 +1,126 @@
+"""Real services for the tests that need them: an `mlflow server` and a single-node SLURM cluster.
+
+Both are context managers that start the service, hand back how to reach it, and stop
+exactly the processes they started, whatever the test did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SLURM_UP = REPO / "scripts" / "slurm-up.sh"
+SLURM_DOWN = REPO / "scripts" / "slurm-down.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without tracking settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUALCELL_"))}
+    return env | extra
+
+
+def _stop_group(proc: subprocess.Popen, *, grace_s: float = 15) -> None:
+    """SIGTERM the process group we started (the server and its workers), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace_s)
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, *, timeout_s: float = 90) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port, SQLite backend and served artifacts in ``folder``.
+
+    Yields its URI (``http://127.0.0.1:<port>``) once ``/health`` answers.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", str(folder / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n"
+                                   f"{(folder / 'server.log').read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).read().strip() == b"OK":
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not answer {uri}/health in {timeout_s} s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        _stop_group(proc)
+        log.close()
+
+
+def slurm_unavailable() -> str | None:
+    """Why this machine cannot run the test cluster, or None when it can."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return "bringing up a SLURM cluster needs root (munged, slurmctld and slurmd run as root)"
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None]
+    if missing and shutil.which("apt-get") is None:
+        return f"{', '.join(missing)} missing and no apt-get to install slurm-wlm and munge"
+    return None
+
+
+def require_slurm() -> None:
+    """Skip when the machine cannot have SLURM; in CI (CI=true) that is a failure, never a skip."""
+    reason = slurm_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(f"CI must run the SLURM tests, but {reason}")
+    pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def slurm_cluster(state: Path) -> Iterator[dict[str, str]]:
+    """A single-node SLURM cluster (scripts/slurm-up.sh) with its state in ``state``.
+
+    Yields the environment variables that point clients at it (SLURM_CONF, PATH); stops its
+    daemons (scripts/slurm-down.sh) on exit.
+    """
+    up = subprocess.run(["bash", str(SLURM_UP), str(state)], capture_output=True, text=True, timeout=600)
+    try:
+        if up.returncode != 0:
+            raise RuntimeError(f"scripts/slurm-up.sh failed ({up.returncode}):\n{up.stderr[-4000:]}")
+        # The one stdout line: export SLURM_CONF=... PATH=<state>/bin:$PATH
+        words = up.stdout.strip().removeprefix("export ").split()
+        env = dict(w.split("=", 1) for w in words)
+        env["PATH"] = env["PATH"].replace("$PATH", os.environ["PATH"])
+        yield env
+    finally:
+        subprocess.run(["bash", str(SLURM_DOWN), str(state)], capture_output=True, text=True, timeout=120)
