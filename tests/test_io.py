@@ -104,3 +104,25 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     os.umask(mask)
     io.write_json({"a": 1}, tmp_path / "out.json")
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_real_citeseq_sources_ingest_as_rna_and_prot():
+    """Cell Ranger's mtx folder and scvi-tools' h5ad of the same run, through the config's source."""
+    from virtualcell.readers import testdata_path
+
+    mtx = io.read_dataset("pbmc", {"source": "10x_mtx", "path": str(testdata_path("pbmc_10k_protein_v3_mtx"))})
+    assert (mtx["rna"].n_obs, mtx["rna"].n_vars, mtx["prot"].n_vars) == (1024, 100, 17)
+    assert "counts" in mtx["prot"].layers
+    h5ad = io.read_dataset("pbmc", {"source": "h5ad", "path": str(testdata_path("pbmc_10k_protein_v3.h5ad")),
+                                    "protein_obsm_key": "protein_expression"})
+    assert (h5ad["rna"].n_obs, h5ad["prot"].n_vars) == (200, 14)
+    assert not h5ad["prot"].var_names.str.fullmatch(r"\d+").any()  # names, not column numbers
+
+
+def test_real_csv_tables_ingest_with_proteins():
+    from virtualcell.readers import testdata_path
+
+    mdata = io.read_dataset("cbmc", {"source": "csv", "path": str(testdata_path("cbmc_rna.csv.gz")),
+                                     "protein_path": str(testdata_path("cbmc_adt.csv.gz")), "cells_as_rows": False})
+    assert mdata["rna"].n_obs == mdata["prot"].n_obs == 20
+    assert mdata["prot"].n_vars == 3

@@ -43,3 +43,9 @@ def test_clr_is_centred_log_ratio():
     expected = np.log1p(x) - np.log1p(x).mean(axis=1, keepdims=True)
     np.testing.assert_allclose(clr(x), expected, rtol=1e-6)
     np.testing.assert_allclose(clr(x).sum(axis=1), 0, atol=1e-6)
+
+
+def test_asking_for_more_hvgs_than_genes_keeps_every_gene(tiny_mdata):
+    out, summary = run_qc(tiny_mdata, **{**PARAMS, "n_top_genes": 10_000})
+    assert out["rna"].var["highly_variable"].all()
+    assert summary["highly_variable_genes"] == summary["genes_out"]

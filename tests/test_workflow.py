@@ -160,3 +160,29 @@ def test_a_failing_job_marks_its_run_and_the_workflow_failed(tmp_path):
     assert status == {"ingest": "FAILED", "workflow": "FAILED"}
     ingest = next(r for r in runs if r.data.tags.get(tracking.TAG_RULE) == "ingest")
     assert "cannot be read as .h5ad" in ingest.data.tags[tracking.TAG_ERROR]
+
+
+def test_real_citeseq_config_runs_end_to_end(tmp_path):
+    """config/real_citeseq.yaml on the real 10x CITE-seq files, as its header tells a user to run it."""
+    from virtualcell.readers import testdata_path
+
+    data = testdata_path("pbmc_10k_protein_v3_mtx")  # fetched (pinned, checked) into the cache if missing
+    cache = data.parents[2]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "testdata").symlink_to(cache)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUALCELL_"))}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2",
+           "--replace-workflow-config", "--configfile", str(REPO / "config" / "real_citeseq.yaml")]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    metrics = json.loads((tmp_path / "results" / "pbmc_citeseq" / "evaluate" / "metrics.json").read_text())
+    assert "simulation" not in metrics  # no time points, no simulator
+    foscttm = metrics["alignment"]["rna-prot"]["foscttm"]
+    assert foscttm["model"] < foscttm["random"]
+    ingest = (tmp_path / "logs" / "pbmc_citeseq" / "ingest.log").read_text()
+    assert "'rna.cells': 1024" in ingest and "'prot.features': 17" in ingest
+    client = MlflowClient(tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/results/mlflow.db"))
+    runs = client.search_runs([client.get_experiment_by_name("virtualcell-real-citeseq").experiment_id])
+    rules = sorted(r.data.tags.get(tracking.TAG_RULE, "workflow") for r in runs)
+    assert rules == ["align", "embed", "evaluate", "ingest", "pair", "qc", "workflow"]
+    assert {r.info.status for r in runs} == {"FINISHED"}

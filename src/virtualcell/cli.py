@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("evaluate", "held-out time points and cross-modal retrieval against baselines")
     _add(p, "--dataset")
     _add(p, "--shared")
-    _add(p, "--simulator", action="append", metavar="HOLDOUT=PATH", help="repeat per holdout")
+    _add(p, "--simulator", action="append", metavar="HOLDOUT=PATH", required=False, default=[],
+         help="repeat per holdout; none for data without time points")
     _add(p, "--output")
     _add(p, "--figure")
 

@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from virtualcell.errors import InputError
+from virtualcell import readers
 from virtualcell.readers import check_spots_in_images
 
 RNA = "rna"
@@ -223,41 +224,32 @@ def read_dataset(name: str, spec: Mapping[str, Any]) -> md.MuData:
             raise InputError(f"config datasets.{name}.path: missing; source '{source}' needs a file path")
         if not path.exists():
             raise InputError(f"{path}: file not found (config datasets.{name}.path); fix the path")
-        if source == "h5ad":
-            mdata = _from_h5ad(read_h5ad(path), spec)
+        if source == "h5ad" and spec.get("protein_obsm_key"):
+            mdata = readers.citeseq_from_anndata(read_h5ad(path), protein_obsm_key=spec["protein_obsm_key"],
+                                                 origin=str(path))
+        elif source == "h5ad":
+            mdata = md.MuData({RNA: read_h5ad(path)})
         elif source == "h5mu":
             mdata = read_h5mu(path)
+        elif source == "10x_h5":
+            mdata = readers.read_10x_h5(path)
+        elif source == "10x_mtx":
+            mdata = readers.read_10x_mtx(path)
+        elif source == "csv":
+            mdata = readers.read_csv_counts(
+                path, metadata_path=spec.get("metadata_path"), protein_path=spec.get("protein_path"),
+                cells_as_rows=spec.get("cells_as_rows", True),
+            )
         else:
             raise InputError(
-                f"config datasets.{name}.source: '{source}' has no reader yet; use synthetic, h5ad or h5mu"
+                f"config datasets.{name}.source: '{source}' has no reader; use one of synthetic, h5ad, h5mu, "
+                "10x_h5, 10x_mtx, csv"
             )
         if RNA not in mdata.mod:
             raise InputError(
                 f"{path}: no '{RNA}' modality (found {sorted(mdata.mod)}); name the expression modality 'rna'"
             )
     return harmonise(mdata, spec, origin=str(spec.get("path") or f"synthetic dataset {name}"))
-
-
-def _from_h5ad(adata: ad.AnnData, spec: Mapping[str, Any]) -> md.MuData:
-    mods = {RNA: adata}
-    key = spec.get("protein_obsm_key")
-    if key:
-        if key not in adata.obsm:
-            raise InputError(
-                f"{spec['path']}: obsm has no '{key}' (found {sorted(adata.obsm)}); fix "
-                "protein_obsm_key in the config"
-            )
-        prot = adata.obsm[key]
-        prot = prot if isinstance(prot, pd.DataFrame) else pd.DataFrame(prot, index=adata.obs_names)
-        mods[PROT] = ad.AnnData(
-            X=sp.csr_matrix(prot.to_numpy(dtype=np.float32)),
-            obs=pd.DataFrame(index=adata.obs_names),
-            var=pd.DataFrame(index=[str(c) for c in prot.columns]),
-        )
-        adata = adata.copy()
-        del adata.obsm[key]
-        mods[RNA] = adata
-    return md.MuData(mods)
 
 
 def harmonise(mdata: md.MuData, spec: Mapping[str, Any], *, origin: str) -> md.MuData:

@@ -102,8 +102,12 @@ def run_qc(
     sc.pp.filter_genes(rna, min_cells=min_cells)
     if rna.n_vars == 0:
         raise InputError(f"{origin}: QC filter qc.min_cells={min_cells} removes every gene; lower it")
-    n_top = min(n_top_genes, rna.n_vars)
-    sc.pp.highly_variable_genes(rna, flavor="seurat_v3", n_top_genes=n_top, layer=COUNTS_LAYER)
+    if n_top_genes >= rna.n_vars:
+        # Every gene is kept, so there is nothing to rank; and seurat_v3's loess fit fails on
+        # panels of ~100 genes (targeted or test data), so it is not run.
+        rna.var["highly_variable"] = True
+    else:
+        sc.pp.highly_variable_genes(rna, flavor="seurat_v3", n_top_genes=n_top_genes, layer=COUNTS_LAYER)
     rna.X = rna.layers[COUNTS_LAYER].copy()
     sc.pp.normalize_total(rna, target_sum=target_sum)
     sc.pp.log1p(rna)

@@ -274,6 +274,21 @@ def read_h5ad_citeseq(path: str | Path, *, protein_obsm_key: str, protein_names_
     path = Path(path)
     adata = _read_h5ad(path)
     _check_unique_obs(adata, origin=str(path))
+    mdata = citeseq_from_anndata(adata, protein_obsm_key=protein_obsm_key, protein_names_key=protein_names_key,
+                                 origin=str(path))
+    mdata.mod[RNA].X = _counts_csr(mdata.mod[RNA].X, origin=f"{path} [rna]")
+    return mdata
+
+
+def citeseq_from_anndata(
+    adata: ad.AnnData, *, protein_obsm_key: str, protein_names_key: str | None = None, origin: str
+) -> md.MuData:
+    """Split an in-memory CITE-seq AnnData (protein counts in ``obsm``) into ``rna`` and ``prot``.
+
+    The ``rna`` counts are taken as they are (the caller checks them); the
+    protein counts are checked here. See :func:`read_h5ad_citeseq`.
+    """
+    path = origin
     if protein_obsm_key not in adata.obsm:
         raise InputError(
             f"{path}: obsm has no '{protein_obsm_key}' (found {sorted(adata.obsm)}); set protein_obsm_key to the "
@@ -310,7 +325,7 @@ def read_h5ad_citeseq(path: str | Path, *, protein_obsm_key: str, protein_names_
     prot_ad = ad.AnnData(X=x_prot, obs=pd.DataFrame(index=adata.obs_names.copy()), var=pd.DataFrame(index=names))
     prot_ad.var_names_make_unique()
     rna = ad.AnnData(
-        X=_counts_csr(adata.layers["counts"] if "counts" in adata.layers else adata.X, origin=f"{path} [rna]"),
+        X=sp.csr_matrix(adata.layers["counts"] if "counts" in adata.layers else adata.X, dtype=np.float32),
         obs=adata.obs.copy(),
         var=adata.var.copy(),
         obsm={k: v for k, v in adata.obsm.items() if k != protein_obsm_key},

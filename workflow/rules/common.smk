@@ -53,9 +53,9 @@ def dataset_spec(wildcards):
 
 
 def get_raw_input(wildcards):
-    """The dataset's file, so Snakemake reruns ingest when it changes (none for synthetic)."""
-    path = config["datasets"][wildcards.dataset]["path"]
-    return [path] if path else []
+    """The dataset's files, so Snakemake reruns ingest when one changes (none for synthetic)."""
+    spec = config["datasets"][wildcards.dataset]
+    return [spec[key] for key in ("path", "metadata_path", "protein_path") if spec[key]]
 
 
 def has_time(dataset):
