@@ -97,23 +97,21 @@ def write_figure(figure: Any, path: str | Path) -> None:
 
 
 def read_h5mu(path: str | Path) -> md.MuData:
-    path = _check_container(path, H5MU)
-    try:
-        return md.read_h5mu(path)
-    except Exception as exc:
-        raise InputError(
-            f"{path}: cannot be read as .h5mu ({type(exc).__name__}: {exc}); the file is corrupt or "
-            "truncated, write it again"
-        ) from None
+    return _read_container(path, H5MU, md.read_h5mu)
 
 
 def read_h5ad(path: str | Path) -> ad.AnnData:
-    path = _check_container(path, H5AD)
+    return _read_container(path, H5AD, ad.read_h5ad)
+
+
+def _read_container(path: str | Path, kind: str, read: Callable[[Path], Any]) -> Any:
+    """Read an .h5ad/.h5mu after checking it is one; any failure is one line naming the file."""
+    path = _check_container(path, kind)
     try:
-        return ad.read_h5ad(path)
+        return read(path)
     except Exception as exc:
         raise InputError(
-            f"{path}: cannot be read as .h5ad ({type(exc).__name__}: {exc}); the file is corrupt or "
+            f"{path}: cannot be read as .{kind} ({type(exc).__name__}: {exc}); the file is corrupt or "
             "truncated, write it again"
         ) from None
 
