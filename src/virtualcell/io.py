@@ -11,8 +11,6 @@ never leaves a file that looks finished.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from virtualcell.errors import InputError
+from virtualcell.files import atomic_write
 from virtualcell import readers
 from virtualcell.readers import check_spots_in_images
 
@@ -43,33 +42,6 @@ md.set_options(pull_on_update=False)
 
 # ---------------------------------------------------------------------------
 # atomic writers
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The suffix is kept so writers that dispatch on it (anndata, mudata, matplotlib) still work.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        # mkstemp makes the file private (0600); give it the mode any new file gets here, so that
-        # results in a shared project folder stay readable by the group, as the umask intends.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
 
 
 def write_h5mu(mdata: md.MuData, path: str | Path) -> None:

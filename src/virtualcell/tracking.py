@@ -30,7 +30,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -43,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from virtualcell.errors import InputError
+from virtualcell.files import atomic_write_text
 
 ENV_TRACKING_URI = "VIRTUALCELL_TRACKING_URI"
 ENV_EXPERIMENT = "VIRTUALCELL_EXPERIMENT"
@@ -614,20 +614,13 @@ def lineage_file(path: str | Path) -> Path:
 
 
 def write_lineage(path: str | Path, run_id: str) -> None:
-    _atomic_write_text(lineage_file(path), run_id)
+    atomic_write_text(lineage_file(path), run_id)
 
 
 def read_lineage(path: str | Path) -> str | None:
     f = lineage_file(path)
     return f.read_text().strip() if f.exists() else None
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,9 +14,7 @@ import contextlib
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from virtualcell.errors import InputError
+from virtualcell.files import atomic_write
 
 __all__ = ["BadInputError", "resolve_device", "minibatches", "atomic_torch_save", "epoch_seed", "fit"]
 
@@ -133,21 +132,8 @@ def minibatches(
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file beside ``path``, then rename over it.
-
-    An interrupted write therefore never leaves a file that looks complete.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` atomically (temp file beside ``path``, then rename)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
