@@ -57,3 +57,11 @@ def test_cca_baseline_aligns_linearly_related_modalities():
     b = z @ rng.normal(size=(3, 5)) + 0.05 * rng.normal(size=(300, 5))
     ea, eb = ev.cca_embedding(a[:200], b[:200], a[200:], b[200:], n_components=3)
     assert ev.retrieval_metrics(ea, eb)["foscttm"] < 0.05
+
+
+def test_max_points_subsamples_each_cloud():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 2))
+    assert ev.distribution_distances(x, x, max_points=None)["w1"] == pytest.approx(0.0, abs=1e-9)
+    # two independent subsamples of 50 from the same cloud are different point sets
+    assert ev.distribution_distances(x, x, max_points=50)["w1"] > 0.05

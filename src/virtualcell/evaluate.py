@@ -45,11 +45,13 @@ def mmd_rbf(x: np.ndarray, y: np.ndarray, *, gammas: tuple[float, ...] | None = 
     return float(total)
 
 
-def distribution_distances(pred: np.ndarray, true: np.ndarray, *, seed: int = 0) -> dict[str, float]:
+def distribution_distances(pred: np.ndarray, true: np.ndarray, *, max_points: int | None = 2000,
+                           seed: int = 0) -> dict[str, float]:
+    """W1, W2 and MMD between two point clouds, each subsampled to at most ``max_points``."""
     return {
-        "w1": wasserstein(pred, true, p=1, seed=seed),
-        "w2": wasserstein(pred, true, p=2, seed=seed),
-        "mmd": mmd_rbf(pred, true, seed=seed),
+        "w1": wasserstein(pred, true, p=1, max_points=max_points, seed=seed),
+        "w2": wasserstein(pred, true, p=2, max_points=max_points, seed=seed),
+        "mmd": mmd_rbf(pred, true, max_points=max_points, seed=seed),
     }
 
 
@@ -81,12 +83,12 @@ def _interpolate_from_plan(x0, x1, plan, alpha, n, rng):
     return (1 - alpha) * x0[i] + alpha * x1[j]
 
 
-def noise_floor(x: np.ndarray, *, seed: int = 0) -> dict[str, float]:
+def noise_floor(x: np.ndarray, *, max_points: int | None = 2000, seed: int = 0) -> dict[str, float]:
     """Distances between two random halves of the same time point: the best any model can do."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     half = len(x) // 2
-    return distribution_distances(x[order[:half]], x[order[half : 2 * half]], seed=seed)
+    return distribution_distances(x[order[:half]], x[order[half : 2 * half]], max_points=max_points, seed=seed)
 
 
 # ---------------------------------------------------------------------------

@@ -437,8 +437,9 @@ def evaluate(*, shared: str, simulators: Mapping[str, str], output: str, figure:
                 "random_coupling": ev.random_coupling_interpolate(x_prev, x_next, alpha, n=len(x_true),
                                                                   seed=seed),
             }
-            dists = {m: ev.distribution_distances(p, x_true, seed=seed) for m, p in predictions.items()}
-            dists["noise_floor"] = ev.noise_floor(x_true, seed=seed)
+            dists = {m: ev.distribution_distances(p, x_true, max_points=max_points, seed=seed)
+                     for m, p in predictions.items()}
+            dists["noise_floor"] = ev.noise_floor(x_true, max_points=max_points, seed=seed)
             per_holdout[label] = {
                 f"{d}_shared": {m: v[d] for m, v in dists.items()} for d in ("w1", "w2", "mmd")
             }
