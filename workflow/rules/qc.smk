@@ -4,11 +4,12 @@ rule qc:
     output:
         data=f"{RESULTS}/{{dataset}}/qc.h5mu",
         summary=f"{RESULTS}/{{dataset}}/qc/qc.json",
-        figure=report(
-            f"{RESULTS}/{{dataset}}/qc/qc.png",
+        figures=report(
+            directory(f"{RESULTS}/{{dataset}}/qc/figures"),
+            patterns=["{name}.png"],
             caption="../report/qc.rst",
             category="Quality control",
-            labels={"dataset": "{dataset}"},
+            labels={"dataset": "{dataset}", "modality": "{name}"},
         ),
     params:
         cfg=as_json(config["qc"]),
@@ -22,5 +23,5 @@ rule qc:
         runtime=res("qc", "runtime", 30),
     shell:
         "virtualcell qc --dataset {wildcards.dataset} --input {input.data} --output {output.data}"
-        " --summary {output.summary} --figure {output.figure}"
+        " --summary {output.summary} --figures {output.figures}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"
