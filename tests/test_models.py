@@ -256,6 +256,111 @@ def test_aligner_rejects_unpaired_input():
         al.fit(np.zeros((4, 2)), np.zeros((4, 3)), xa_val=np.zeros((2, 2)), epochs=1, device=CPU)
 
 
+# Image heads: spot expression <-> tissue image patch.
+
+PATCH = [3, 16, 16]
+N_TRAIN = 600
+
+
+def _expression_and_patches(seed: int = 0, n: int = 700):
+    """Expression and image patches that are noisy functions of one 4-D latent.
+
+    Latent dims 0 and 1 set the patch's colour; dims 2 and 3 the frequency and
+    amplitude of concentric rings whose mean is removed, so they are texture
+    that the mean colour does not show. Rings are unchanged by the flips and
+    90-degree rotations of the augmentation, like tissue texture.
+    """
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 4))
+    expr = z @ rng.normal(size=(4, 10)) + 0.1 * rng.normal(size=(n, 10))
+    colour = np.column_stack([0.5 + 0.2 * np.tanh(z[:, 0]), np.full(n, 0.5), 0.5 + 0.2 * np.tanh(z[:, 1])])
+    frequency = 2.0 + np.tanh(z[:, 2])  # cycles per patch side
+    amplitude = 0.1 + 0.08 * np.tanh(z[:, 3])
+    _, height, width = PATCH
+    yy, xx = np.mgrid[0:height, 0:width] + 0.5
+    radius = np.hypot(xx - width / 2, yy - height / 2) / width
+    rings = amplitude[:, None, None] * np.cos(2 * np.pi * frequency[:, None, None] * radius)
+    rings -= rings.mean(axis=(1, 2), keepdims=True)
+    patches = colour[:, :, None, None] + rings[:, None] + 0.05 * rng.normal(size=(n, *PATCH))
+    return expr.astype(np.float32), np.clip(patches, 0, 1).reshape(n, -1).astype(np.float32), z
+
+
+@pytest.fixture(scope="module")
+def fitted_image_aligner():
+    expr, patches, z = _expression_and_patches()
+    al = Aligner({"expr": 10, "image": math.prod(PATCH)}, image_shapes={"image": PATCH}, n_shared=8, n_hidden=64)
+    al.fit(
+        expr[:N_TRAIN], patches[:N_TRAIN], xa_val=expr[N_TRAIN:], xb_val=patches[N_TRAIN:],
+        epochs=30, batch_size=100, lr=3e-3, device=CPU, seed=0,
+    )  # fmt: skip
+    return al, expr, patches, z
+
+
+def test_image_aligner_retrieves_partners_and_reads_texture(fitted_image_aligner):
+    al, expr, patches, z = fitted_image_aligner
+    chance = 1 / (len(expr) - N_TRAIN)
+    assert al.history[-1]["val_top1"] > 30 * chance
+    held_out = slice(N_TRAIN, None)
+    ea, eb = al.embed("expr", expr[held_out]), al.embed("image", patches[held_out])
+    top1 = top1_retrieval(torch.tensor(ea), torch.tensor(eb))
+    assert top1 == pytest.approx(al.history[-1]["val_top1"])
+    # The ring frequency and amplitude are invisible to the mean colour but the CNN reads them.
+    mean_colour = patches.reshape(len(patches), 3, -1).mean(axis=2)
+    image_embedding = al.embed("image", patches)
+    for dim in (2, 3):
+        assert linear_r2(mean_colour, z[:, dim], n_train=N_TRAIN) < 0.1
+        assert linear_r2(image_embedding, z[:, dim], n_train=N_TRAIN) > 0.5
+
+
+def test_image_aligner_save_load_round_trip(fitted_image_aligner, tmp_path):
+    al, expr, patches, _ = fitted_image_aligner
+    al.save(tmp_path / "image.pt")
+    loaded = Aligner.load(tmp_path / "image.pt")
+    assert loaded.init_kwargs["image_shapes"] == {"image": PATCH}
+    # Embedding is in eval mode: not augmented, so the same patches embed the same every time.
+    np.testing.assert_array_equal(loaded.embed("image", patches), al.embed("image", patches))
+    np.testing.assert_array_equal(loaded.embed("expr", expr), al.embed("expr", expr))
+    # The expression side keeps the plain MLP head of an aligner without images.
+    plain = ContrastiveAligner({"expr": 10, "prot": 5}, n_hidden=64, n_shared=8)
+    assert {k: v.shape for k, v in loaded.module.heads["expr"].state_dict().items()} == {
+        k: v.shape for k, v in plain.heads["expr"].state_dict().items()
+    }
+
+
+def test_image_shapes_must_match_dims():
+    with pytest.raises(ValueError, match=r"\[3, 8, 8\] holds 192 values but dims\['image'\] is 190"):
+        Aligner({"expr": 4, "image": 190}, image_shapes={"image": [3, 8, 8]})
+    with pytest.raises(ValueError, match="not a modality"):
+        Aligner({"expr": 4, "image": 192}, image_shapes={"img": [3, 8, 8]})
+    with pytest.raises(ValueError, match=r"\[channels, height, width\]"):
+        Aligner({"expr": 4, "image": 64}, image_shapes={"image": [8, 8]})
+
+
+def test_image_augmentation_is_a_seeded_flip_and_rotation_in_training_only():
+    module = ContrastiveAligner({"expr": 2, "image": 2 * 4 * 4}, image_shapes={"image": [2, 4, 4]})
+    x = torch.arange(6 * 32, dtype=torch.float32).reshape(6, 32)
+    torch.manual_seed(0)
+    first = module._augment("image", x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(module._augment("image", x), first)
+    images = x.reshape(6, 2, 4, 4)
+    views = [torch.rot90(im, k, dims=(-2, -1)) for im in (images, images.flip(-1)) for k in range(4)]
+    chosen = [
+        next(k for k, view in enumerate(views) if torch.equal(out, view[i]))
+        for i, out in enumerate(first.reshape(6, 2, 4, 4))
+    ]
+    assert len(set(chosen)) > 1  # drawn per patch, not once per minibatch
+    assert torch.equal(module._augment("expr", x[:, :2]), x[:, :2])
+    module.eval()
+    assert torch.equal(module._augment("image", x), x)
+    # A non-square patch is only flipped and turned by 180 degrees, which keep its shape.
+    wide = ContrastiveAligner({"expr": 2, "image": 6}, image_shapes={"image": [1, 2, 3]})
+    images = torch.arange(20 * 6, dtype=torch.float32).reshape(20, 1, 2, 3)
+    views = [images, images.flip(-1), images.flip(-2), images.flip(-2, -1)]
+    for i, out in enumerate(wide._augment("image", images.reshape(20, 6)).reshape(20, 1, 2, 3)):
+        assert any(torch.equal(out, view[i]) for view in views)
+
+
 # ======================================================================
 # Dynamics
 # ======================================================================

@@ -24,6 +24,10 @@ __all__ = ["symmetric_info_nce", "top1_retrieval", "ContrastiveAligner", "Aligne
 # CLIP's cap on the logit scale (temperature >= 0.01): beyond it training
 # becomes unstable and the loss saturates.
 MAX_LOGIT_SCALE = math.log(100.0)
+# The CNN of an image modality's head: output channels of its stride-2
+# convolutions (3 stages take a 32 x 32 patch to 4 x 4), and GroupNorm groups.
+IMAGE_CHANNELS = (32, 64, 128)
+IMAGE_GROUPS = 8
 
 
 def symmetric_info_nce(za: torch.Tensor, zb: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
@@ -66,6 +70,73 @@ def top1_retrieval(za: torch.Tensor, zb: torch.Tensor, *, batch_size: int = 4096
     return hits / len(za)
 
 
+def _projection(n_inputs: int, *, n_hidden: int, n_shared: int, dropout: float) -> list[nn.Module]:
+    """The layers that map a feature vector into the shared space (the whole head of a vector modality)."""
+    return [
+        nn.Linear(n_inputs, n_hidden),
+        nn.LayerNorm(n_hidden),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(n_hidden, n_shared),
+    ]
+
+
+def _image_head(shape: list[int], *, n_hidden: int, n_shared: int, dropout: float) -> nn.Sequential:
+    """Head of an image modality: rows of C*H*W pixels -> a small CNN -> the shared space.
+
+    Each stride-2 convolution halves the resolution and the global average pool
+    makes the features independent of where in the patch a structure lies.
+    GroupNorm rather than BatchNorm: its output for a patch does not depend on
+    the other patches of the minibatch, which under InfoNCE would let the model
+    match pairs through batch statistics, and it has no running statistics, so
+    a patch embeds the same in training and evaluation mode (less dropout).
+    """
+    layers: list[nn.Module] = [nn.Unflatten(1, tuple(shape))]
+    n_in = shape[0]
+    for n_out in IMAGE_CHANNELS:
+        layers += [
+            nn.Conv2d(n_in, n_out, kernel_size=3, stride=2, padding=1),
+            nn.GroupNorm(IMAGE_GROUPS, n_out),
+            nn.GELU(),
+        ]
+        n_in = n_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers, *_projection(n_in, n_hidden=n_hidden, n_shared=n_shared, dropout=dropout))
+
+
+def _check_image_shapes(image_shapes: dict[str, list[int]], dims: dict[str, int]) -> None:
+    for name, shape in image_shapes.items():
+        if name not in dims:
+            raise BadInputError(f"image_shapes names '{name}', which is not a modality of dims {list(dims)}")
+        if len(shape) != 3 or min(shape) < 1:
+            raise BadInputError(f"image_shapes['{name}'] must be [channels, height, width]; got {list(shape)}")
+        if math.prod(shape) != dims[name]:
+            raise BadInputError(
+                f"image_shapes['{name}'] = {list(shape)} holds {math.prod(shape)} values but dims['{name}'] is "
+                f"{dims[name]}; rows of an image modality are C*H*W flattened pixels (C-major)"
+            )
+
+
+def _random_dihedral(images: torch.Tensor) -> torch.Tensor:
+    """Each image (n, C, H, W) flipped and, if square, rotated by a multiple of 90 degrees at random.
+
+    Tissue has no canonical orientation, so these are free extra views of a patch.
+    The draws use torch's global RNG, which the training loop seeds per epoch.
+    """
+    n_rotations = 4 if images.shape[-1] == images.shape[-2] else 2
+    flip = torch.rand(len(images), device=images.device) < 0.5
+    turns = torch.randint(n_rotations, (len(images),), device=images.device)
+    if n_rotations == 2:
+        turns = 2 * turns  # a non-square image only has its 180 degree rotation
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    out = images.clone()
+    for k in range(1, 4):
+        chosen = turns == k
+        if chosen.any():
+            out[chosen] = torch.rot90(images[chosen], k, dims=(-2, -1))
+    return out
+
+
 class ContrastiveAligner(nn.Module):
     """Projection heads of two modalities into a shared space, trained with symmetric InfoNCE.
 
@@ -82,6 +153,14 @@ class ContrastiveAligner(nn.Module):
         Initial softmax temperature T; the model learns log(1/T).
     learn_temperature
         If False the temperature stays at ``init_temperature``.
+    image_shapes
+        Modalities whose rows are image patches flattened C-major, as
+        ``{name: [C, H, W]}`` with ``C * H * W == dims[name]``: their head is
+        a small CNN (see :func:`_image_head`) instead of an MLP.
+    augment_images
+        In training, flip and rotate each image patch by a random multiple of
+        90 degrees (flip and 180 degrees only for a non-square patch), since
+        tissue has no canonical orientation; embeddings are not augmented.
     """
 
     def __init__(
@@ -93,25 +172,34 @@ class ContrastiveAligner(nn.Module):
         dropout: float = 0.1,
         init_temperature: float = 0.07,
         learn_temperature: bool = True,
+        image_shapes: dict[str, list[int]] | None = None,
+        augment_images: bool = True,
     ) -> None:
         super().__init__()
         if len(dims) != 2:
             raise BadInputError(f"ContrastiveAligner aligns exactly two modalities; got {list(dims)}")
         if not init_temperature > 0:
             raise BadInputError(f"init_temperature must be > 0; got {init_temperature}")
+        self.image_shapes = {name: [int(v) for v in shape] for name, shape in (image_shapes or {}).items()}
+        _check_image_shapes(self.image_shapes, dims)
+        self.augment_images = augment_images
         self.names = list(dims)
+        sizes = {"n_hidden": n_hidden, "n_shared": n_shared, "dropout": dropout}
         self.heads = nn.ModuleDict(
             {
-                name: nn.Sequential(
-                    nn.Linear(int(d), n_hidden),
-                    nn.LayerNorm(n_hidden),
-                    nn.GELU(),
-                    nn.Dropout(dropout),
-                    nn.Linear(n_hidden, n_shared),
-                )
+                name: _image_head(self.image_shapes[name], **sizes)
+                if name in self.image_shapes
+                else nn.Sequential(*_projection(int(d), **sizes))
                 for name, d in dims.items()
             }
         )
+        # Inputs are standardised with the training data's statistics (set by Aligner.fit), stored as
+        # buffers so a saved model carries them: a latent with per-dimension spread 0.05 (a VAE on a
+        # few hundred spots) or a stained tissue patch (spread 0.07 around grey) otherwise enters the
+        # LayerNorm of the head as a near-constant, and InfoNCE stays at log(batch size).
+        for name, d in dims.items():
+            self.register_buffer(f"shift_{name}", torch.zeros(int(d)))
+            self.register_buffer(f"scale_{name}", torch.ones(int(d)))
         scale = torch.tensor(math.log(1.0 / init_temperature))
         if learn_temperature:
             self.logit_scale = nn.Parameter(scale)
@@ -123,14 +211,39 @@ class ContrastiveAligner(nn.Module):
         # step) so the module stays a pure function of its state.
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE)
 
+    @torch.no_grad()
+    def set_input_stats(self, name: str, x: torch.Tensor) -> None:
+        """Standardise modality ``name`` by the mean and standard deviation of ``x`` (training rows):
+        per feature, or per channel for an image modality (so a rotated patch standardises alike)."""
+        x = x.float()
+        if name in self.image_shapes:
+            channels, height, width = self.image_shapes[name]
+            per_channel = x.reshape(len(x), channels, height * width).transpose(0, 1).reshape(channels, -1)
+            mean = per_channel.mean(dim=1).repeat_interleave(height * width)
+            std = per_channel.std(dim=1).repeat_interleave(height * width)
+        else:
+            mean, std = x.mean(dim=0), x.std(dim=0)
+        getattr(self, f"shift_{name}").copy_(mean)
+        # A constant feature is centred, not blown up.
+        getattr(self, f"scale_{name}").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
     def embed(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised shared embedding of modality ``name``."""
         if name not in self.heads:
             raise KeyError(f"unknown modality {name!r}; this aligner knows {self.names}")
+        x = (x - getattr(self, f"shift_{name}")) / getattr(self, f"scale_{name}")
         return F.normalize(self.heads[name](x).float(), dim=-1)
+
+    def _augment(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.augment_images and name in self.image_shapes):
+            return x
+        return _random_dihedral(x.reshape(len(x), *self.image_shapes[name])).reshape(len(x), -1)
 
     def loss(self, xa: torch.Tensor, xb: torch.Tensor) -> dict[str, torch.Tensor]:
         """Symmetric InfoNCE of paired rows of the two modalities (in ``dims`` order).
+
+        In training mode, image patches are first flipped and rotated at
+        random (see ``augment_images``).
 
         Returns
         -------
@@ -138,6 +251,7 @@ class ContrastiveAligner(nn.Module):
             ``"loss"`` and the current ``"temperature"``.
         """
         scale = self.clamped_logit_scale()
+        xa, xb = (self._augment(name, x) for name, x in zip(self.names, (xa, xb)))
         loss = symmetric_info_nce(self.embed(self.names[0], xa), self.embed(self.names[1], xb), scale)
         return {train.LOSS_KEY: loss, "temperature": torch.exp(-scale).detach()}
 
@@ -149,6 +263,11 @@ class Aligner(BaseModel):
     ----------
     dims
         Input dimension per modality, in the order ``fit`` takes them.
+    image_shapes
+        ``{name: [C, H, W]}`` for modalities whose rows are image patches
+        flattened C-major (as :func:`virtualcell.pairing.image_patches`
+        returns them); their head is a CNN. Their data stay 2-D arrays,
+        cells x ``C * H * W``, in :meth:`fit` and :meth:`embed`.
     **module_kwargs
         Passed to :class:`ContrastiveAligner`.
 
@@ -157,11 +276,21 @@ class Aligner(BaseModel):
     >>> al = Aligner({"rna": 10, "prot": 14}, n_shared=16)
     >>> al.fit(z_rna, z_prot, epochs=100, seed=0)
     >>> shared = al.embed("rna", z_rna)
+
+    Spot expression and the tissue patch under each spot:
+
+    >>> al = Aligner({"expr": 30, "image": 3 * 32 * 32}, image_shapes={"image": [3, 32, 32]})
+    >>> al.fit(z_spots, image_patches(spots, size=32), epochs=100, seed=0)
     """
 
     _module_cls = ContrastiveAligner
 
-    def __init__(self, dims: dict[str, int], **module_kwargs) -> None:
+    def __init__(
+        self, dims: dict[str, int], *, image_shapes: dict[str, list[int]] | None = None, **module_kwargs
+    ) -> None:
+        if image_shapes is not None:
+            # Recorded as JSON lists so that a loaded model's init_kwargs equal the original's.
+            module_kwargs["image_shapes"] = {str(k): [int(v) for v in shape] for k, shape in image_shapes.items()}
         super().__init__(dims={str(k): int(v) for k, v in dims.items()}, **module_kwargs)
 
     @property
@@ -220,6 +349,9 @@ class Aligner(BaseModel):
         if (xa_val is None) != (xb_val is None):
             raise BadInputError("give both xa_val and xb_val, or neither")
         self._prepare_fit(seed)
+        if not self.is_fitted:
+            for name, x in zip(self.names, (xa, xb), strict=True):
+                self.module.set_input_stats(name, torch.as_tensor(x))
         dev = train.resolve_device(device)
         ta, tb = torch.as_tensor(xa, device=dev), torch.as_tensor(xb, device=dev)
 
