@@ -126,3 +126,38 @@ def test_real_csv_tables_ingest_with_proteins():
                                      "protein_path": str(testdata_path("cbmc_adt.csv.gz")), "cells_as_rows": False})
     assert mdata["rna"].n_obs == mdata["prot"].n_obs == 20
     assert mdata["prot"].n_vars == 3
+
+
+def test_declared_modalities_are_kept_and_a_missing_one_is_named(tmp_path):
+    """The sample sheet's modalities: extra ones are dropped, a missing one is one error with the fix."""
+    spec = {"source": "synthetic", "generator": {"n_cells": 100, "n_genes": 40, "n_proteins": 4, "n_spots": 20}}
+    assert set(io.read_dataset("s", {**spec, "modalities": ["rna", "prot", "spatial"]}).mod) == {"rna", "prot", "spatial"}
+    assert set(io.read_dataset("s", {**spec, "modalities": ["rna"]}).mod) == {"rna"}
+    path = _h5ad(tmp_path, np.ones((5, 3), dtype=np.float32))
+    with pytest.raises(InputError, match=r"data\.h5ad: no 'prot' modality \(found \['rna'\]\); config "
+                                         r"datasets\.mine\.modalities .*set modalities: \['rna'\]"):
+        io.read_dataset("mine", {"source": "h5ad", "path": str(path), "modalities": ["rna", "prot"]})
+    with pytest.raises(InputError, match="no expression modality; add rna"):
+        io.read_dataset("s", {**spec, "modalities": ["prot"]})
+
+
+def test_real_spatial_sources_ingest_as_spots_with_their_image():
+    """A Space Ranger folder (source visium) and squidpy's spatial .h5ad with its H&E image."""
+    from virtualcell.readers import testdata_path
+
+    visium = io.read_dataset("v", {"source": "visium", "path": str(testdata_path("visium_spaceranger_1.0.0")),
+                                   "modalities": ["spatial"]})
+    spots = visium["spatial"]
+    assert spots.n_obs == 100 and "counts" in spots.layers and spots.obsm["spatial"].shape == (100, 2)
+    crop = io.read_dataset("crop", {
+        "source": "h5ad", "path": str(testdata_path("visium_mouse_brain_crop.h5ad")), "modalities": ["spatial"],
+        "image_path": str(testdata_path("visium_mouse_brain_crop.jpg")), "recover_counts": True,
+        "celltype_key": "leiden",
+    })
+    spots = crop["spatial"]
+    assert set(crop.mod) == {"spatial"} and spots.n_obs == 49
+    (library,) = spots.uns["spatial"].values()
+    assert library["images"]["hires"].shape == (1717, 950, 3)
+    assert spots.obs["celltype"].notna().all()
+    counts = spots.layers["counts"]
+    assert np.all(counts.data == np.round(counts.data))

@@ -134,9 +134,9 @@ def case_truncated_pipeline_file(tmp, tiny_mdata):
     io.write_h5mu(tiny_mdata, path)
     _truncate(path)
     out = tmp / "results" / "d"
-    outputs = [out / "qc.h5mu", out / "qc" / "qc.json", out / "qc" / "qc.png"]
+    outputs = [out / "qc.h5mu", out / "qc" / "qc.json", out / "qc" / "figures"]
     argv = ["qc", "--dataset", "d", "--input", str(path), "--output", str(outputs[0]), "--summary",
-            str(outputs[1]), "--figure", str(outputs[2]), "--params", json.dumps(_section("qc"))]
+            str(outputs[1]), "--figures", str(outputs[2]), "--params", json.dumps(_section("qc"))]
     return Step(argv, outputs, str(path), ""), "cannot be read as .h5mu"
 
 
@@ -164,13 +164,13 @@ def case_path_does_not_exist(tmp):
 def case_h5mu_without_rna(tmp):
     path = tmp / "prot_only.h5mu"
     _mudata(None, _prot([f"c{i}" for i in range(N_CELLS)])).write(path)
-    return _ingest(tmp, _spec(path, source="h5mu")), "no 'rna' modality"
+    return _ingest(tmp, _spec(path, source="h5mu")), "no 'rna' modality (found ['prot']); config datasets.d.modalities"
 
 
 def case_h5mu_without_prot(tmp):
     path = tmp / "rna_only.h5mu"
     _mudata(_adata(), None).write(path)
-    return _ingest(tmp, _spec(path, source="h5mu")), "no 'prot' modality (found ['rna']); the align stage"
+    return _ingest(tmp, _spec(path, source="h5mu")), "no 'prot' modality (found ['rna']); config datasets.d.modalities"
 
 
 def case_protein_obsm_key_missing(tmp):
@@ -260,7 +260,8 @@ def case_spatial_spots_outside_image(tmp):
     mdata["spatial"].obsm["spatial"][:3] += 10_000
     path = tmp / "spatial.h5mu"
     mdata.write(path)
-    return _ingest(tmp, _spec(path, source="h5mu", time_key="time", protein_obsm_key=None)), (
+    spec = _spec(path, source="h5mu", time_key="time", protein_obsm_key=None, modalities=["rna", "prot", "spatial"])
+    return _ingest(tmp, spec), (
         "3 of 40 spots lie outside the hires image"
     )
 
@@ -269,9 +270,9 @@ def case_every_cell_removed_by_qc(tmp, tiny_mdata):
     path = tmp / "results" / "d" / "ingest.h5mu"
     io.write_h5mu(tiny_mdata, path)
     out = tmp / "results" / "d"
-    outputs = [out / "qc.h5mu", out / "qc" / "qc.json", out / "qc" / "qc.png"]
+    outputs = [out / "qc.h5mu", out / "qc" / "qc.json", out / "qc" / "figures"]
     argv = ["qc", "--dataset", "d", "--input", str(path), "--output", str(outputs[0]), "--summary",
-            str(outputs[1]), "--figure", str(outputs[2]),
+            str(outputs[1]), "--figures", str(outputs[2]),
             "--params", json.dumps(_section("qc", min_counts=10**9))]
     return Step(argv, outputs, "qc.min_counts", ""), "qc.min_counts=1000000000 removes every remaining cell"
 
@@ -361,11 +362,11 @@ def test_the_console_script_prints_one_line_and_exits_1(tmp_path):
 
 
 def test_a_failed_step_removes_the_outputs_it_had_written(tmp_path, tiny_mdata, monkeypatch):
-    """qc writes its figure and summary before its data: a failure after them leaves neither, so no
-    partial set of outputs looks finished; an older file at an output path is left alone."""
+    """qc writes its summary before its data: a failure after it leaves no summary (and no figures),
+    so no partial set of outputs looks finished; an older file at an output path is left alone."""
     path = tmp_path / "ingest.h5mu"
     io.write_h5mu(tiny_mdata, path)
-    outputs = [tmp_path / "qc.h5mu", tmp_path / "qc.json", tmp_path / "qc.png"]
+    outputs = [tmp_path / "qc.h5mu", tmp_path / "qc.json", tmp_path / "figures"]
     outputs[0].write_text("from an earlier run")
     os.utime(outputs[0], (time.time() - 3600, time.time() - 3600))
 
@@ -374,7 +375,7 @@ def test_a_failed_step_removes_the_outputs_it_had_written(tmp_path, tiny_mdata, 
 
     monkeypatch.setattr(io, "write_h5mu", disk_full)
     argv = ["qc", "--dataset", "d", "--input", str(path), "--output", str(outputs[0]), "--summary",
-            str(outputs[1]), "--figure", str(outputs[2]), "--no-tracking", "--params", json.dumps(_section("qc"))]
+            str(outputs[1]), "--figures", str(outputs[2]), "--no-tracking", "--params", json.dumps(_section("qc"))]
     assert cli.main(argv) == 1
     assert [p.name for p in outputs if p.exists()] == ["qc.h5mu"]
     assert outputs[0].read_text() == "from an earlier run"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import mlflow
 import numpy as np
 import pandas as pd
@@ -77,7 +78,8 @@ def test_outputs_and_metrics(workflow_run):
     assert retrieval["foscttm"]["model"] < retrieval["foscttm"]["random"]
     assert 0.5 <= metrics["truth"]["fate_auroc"] <= 1
     assert (workflow_run / "results" / "report.html").stat().st_size > 10_000
-    for figure in ["qc/qc.png", "embed/loss.png", "align/loss.png", "simulate/2/trajectories.png",
+    for figure in ["qc/figures/rna.png", "qc/figures/prot.png", "qc/figures/spatial.png",
+                   "embed/loss.png", "align/loss.png", "simulate/2/trajectories.png",
                    "simulate/none/trajectories.png", "evaluate/evaluation.png"]:
         assert (results / figure).stat().st_size > 1000, figure
 
@@ -163,27 +165,99 @@ def test_a_failing_job_marks_its_run_and_the_workflow_failed(tmp_path):
     assert "cannot be read as .h5ad" in ingest.data.tags[tracking.TAG_ERROR]
 
 
-def test_real_citeseq_config_runs_end_to_end(tmp_path):
-    """config/real_citeseq.yaml on the real 10x CITE-seq files, as its header tells a user to run it."""
-    from virtualcell.readers import testdata_path
+def run_real_config(tmp_path: Path, config: str, data: str) -> None:
+    """Run config/<config> instead of the default, as its header tells a user to: the test data it
+    names are fetched (pinned, checked) into the cache if missing, and data/testdata points there."""
+    from virtualcell.readers import _fetch_module, testdata_path
 
-    data = testdata_path("pbmc_10k_protein_v3_mtx")  # fetched (pinned, checked) into the cache if missing
-    cache = data.parents[2]
+    testdata_path(data)
+    cache = _fetch_module().cache_dir()
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "testdata").symlink_to(cache)
+    run_config(tmp_path, REPO / "config" / config)
+
+
+def run_config(workdir: Path, config: Path) -> None:
+    """snakemake with ``config`` instead of the default (not merged into it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUALCELL_"))}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2",
-           "--replace-workflow-config", "--configfile", str(REPO / "config" / "real_citeseq.yaml")]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+           "--replace-workflow-config", "--configfile", str(config)]
+    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def job_rules(tmp_path: Path, experiment: str) -> list[str]:
+    """The rules of the finished runs of an experiment ('workflow' for the parent run)."""
+    client = MlflowClient(tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/results/mlflow.db"))
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    return sorted(r.data.tags.get(tracking.TAG_RULE, "workflow") for r in runs)
+
+
+def test_real_citeseq_config_runs_end_to_end(tmp_path):
+    """config/real_citeseq.yaml on the real 10x CITE-seq files."""
+    run_real_config(tmp_path, "real_citeseq.yaml", "pbmc_10k_protein_v3_mtx")
     metrics = json.loads((tmp_path / "results" / "pbmc_citeseq" / "evaluate" / "metrics.json").read_text())
     assert "simulation" not in metrics  # no time points, no simulator
     foscttm = metrics["alignment"]["rna-prot"]["foscttm"]
     assert foscttm["model"] < foscttm["random"]
     ingest = (tmp_path / "logs" / "pbmc_citeseq" / "ingest.log").read_text()
     assert "'rna.cells': 1024" in ingest and "'prot.features': 17" in ingest
-    client = MlflowClient(tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/results/mlflow.db"))
-    runs = client.search_runs([client.get_experiment_by_name("virtualcell-real-citeseq").experiment_id])
-    rules = sorted(r.data.tags.get(tracking.TAG_RULE, "workflow") for r in runs)
-    assert rules == ["align", "embed", "evaluate", "ingest", "pair", "qc", "workflow"]
-    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert job_rules(tmp_path, "virtualcell-real-citeseq") == [
+        "align", "embed", "evaluate", "ingest", "pair", "qc", "workflow"]
+
+
+def test_real_spatial_config_aligns_spots_with_their_image_patches(tmp_path):
+    """config/real_spatial.yaml: a real Visium crop and its H&E image, spot expression <-> image patch."""
+    run_real_config(tmp_path, "real_spatial.yaml", "visium_mouse_brain_crop.h5ad")
+    results = tmp_path / "results" / "mouse_brain_crop"
+    metrics = json.loads((results / "evaluate" / "metrics.json").read_text())
+    assert set(metrics) == {"dataset", "alignment"}
+    retrieval = metrics["alignment"]["rna-image"]
+    print("rna-image retrieval on 10 test spots:", retrieval)
+    assert set(retrieval["foscttm"]) == {"model", "cca", "random"}
+    assert all(0 <= v <= 1 for section in retrieval.values() for v in section.values())
+    shared = ad.read_h5ad(results / "align" / "shared.h5ad")
+    assert shared.n_obs == 49 and shared.uns["partner"] == "image"
+    assert shared.obsm["X_input_image"].shape == (49, 3 * 32 * 32)
+    assert job_rules(tmp_path, "virtualcell-real-spatial") == [
+        "align", "embed", "evaluate", "ingest", "pair", "qc", "workflow"]
+
+
+def test_rna_only_dataset_skips_the_alignment_and_simulates_in_the_rna_latent(tmp_path):
+    """modalities: [rna] (time-resolved scRNA-seq without protein): no align job, the simulator and the
+    evaluation run in the RNA encoder's latent space, and the model is still registered."""
+    override = _override(tmp_path, "datasets:\n  synthetic:\n    modalities: [rna]\n"
+                                   "mlflow:\n  experiment: rna-only\n")
+    jobs = scheduled(snakemake(tmp_path, "-n", extra_configs=[override]))
+    assert jobs == {"ingest": 1, "qc": 1, "pair": 1, "embed": 1, "simulate": 2, "evaluate": 1, "report": 1,
+                    "all": 1}
+    snakemake(tmp_path, extra_configs=[override])
+    results = tmp_path / "results" / "synthetic"
+    metrics = json.loads((results / "evaluate" / "metrics.json").read_text())
+    assert "alignment" not in metrics
+    assert metrics["simulation"]["space"] == "rna_latent"
+    w1 = metrics["simulation"]["holdouts"]["2"]["w1_rna_latent"]
+    print("rna-only W1 at t=2:", w1)
+    assert w1["model"] < w1["copy_prev"]
+    assert 0.5 < metrics["truth"]["fate_auroc"] <= 1
+    model = json.loads((results / "report" / "model.json").read_text())
+    assert model["state_dim"] == 10  # embed.n_latent: the RNA latent space
+
+
+def test_a_synthetic_section_aligns_spot_expression_with_the_tissue_under_it(tmp_path):
+    """modalities [spatial] on the generator's section, whose image is rendered from the cells under
+    each spot: the spot <-> patch alignment must find the spot's own patch far better than chance and
+    than CCA on the patches' principal components. (The real Visium crop has 49 spots, too few to
+    show this; here there are 480 in tissue.)"""
+    config = tmp_path / "section.yaml"
+    config.write_text("datasets:\n  section:\n    source: synthetic\n    modalities: [spatial]\n"
+                      "    generator: {n_cells: 100, n_genes: 200, n_spots: 600}\n"
+                      "embed: {epochs: 40}\nalign: {epochs: 40}\nmlflow: {experiment: section}\n")
+    run_config(tmp_path, config)
+    metrics = json.loads((tmp_path / "results" / "section" / "evaluate" / "metrics.json").read_text())
+    foscttm = metrics["alignment"]["rna-image"]["foscttm"]
+    print("synthetic section, spot <-> patch FOSCTTM:", foscttm)
+    assert foscttm["model"] < 0.2 < foscttm["random"]
+    assert foscttm["model"] < foscttm["cca"]
+    assert "simulation" not in metrics  # spots carry no time

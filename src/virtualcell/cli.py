@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -79,12 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--dataset")
     _add(p, "--output")
 
-    p = stage("qc", "QC metrics, filters, normalisation, HVGs")
+    p = stage("qc", "QC of every modality: metrics, doublets, filters, normalisation, HVGs")
     _add(p, "--dataset")
     _add(p, "--input")
     _add(p, "--output")
     _add(p, "--summary")
-    _add(p, "--figure")
+    _add(p, "--figures", metavar="DIR", help="folder for one {modality}.png per modality")
 
     p = stage("pair", "paired cells across modalities and the train/val/test split")
     _add(p, "--dataset")
@@ -145,9 +146,9 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
         return (f"datasets.{args.dataset}", [], [args.output], wildcards,
                 lambda p, run: stages.ingest(dataset=args.dataset, spec=p, output=args.output, run=run))
     if args.stage == "qc":
-        return ("qc", [args.input], [args.output, args.summary, args.figure], wildcards,
+        return ("qc", [args.input], [args.output, args.summary, args.figures], wildcards,
                 lambda p, run: stages.qc(input=args.input, output=args.output, summary=args.summary,
-                                         figure=args.figure, params=p, run=run))
+                                         figures=args.figures, params=p, run=run))
     if args.stage == "pair":
         return ("pair", [args.input], [args.output, args.split], wildcards,
                 lambda p, run: stages.pair(input=args.input, output=args.output, split=args.split, params=p,
@@ -217,6 +218,8 @@ def remove_written(outputs: list[str], *, since: float) -> None:
     for path in map(Path, outputs):
         if path.is_file() and path.stat().st_mtime >= since:
             path.unlink()
+        elif path.is_dir() and path.stat().st_mtime >= since:
+            shutil.rmtree(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,6 +133,14 @@ def cca_embedding(a_train: np.ndarray, b_train: np.ndarray, a_test: np.ndarray, 
     return cca.transform(a_test, b_test)
 
 
+def pca_features(x: np.ndarray, *, fit: np.ndarray, n_components: int) -> np.ndarray:
+    """All rows of ``x`` in the leading principal components of the rows selected by ``fit``."""
+    from sklearn.decomposition import PCA
+
+    n_components = max(1, min(n_components, int(fit.sum()) - 1, x.shape[1]))
+    return PCA(n_components=n_components, random_state=0).fit(x[fit]).transform(x)
+
+
 def random_embedding(a: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Chance level: the partner is an unrelated shuffle."""
     rng = np.random.default_rng(seed)

@@ -1,7 +1,8 @@
 """Readers and writers: every file the pipeline reads or writes goes through here.
 
 Readers turn a dataset's declared source into one :class:`mudata.MuData` with
-harmonised names (modalities ``rna`` and ``prot``, raw counts in
+harmonised names (modalities ``rna``, ``prot``, ``atac``, ``spatial``, as the
+config's ``modalities`` declares them; raw counts in
 ``layers["counts"]``, obs columns ``time``, ``batch``, ``condition``,
 ``celltype`` where the config names them). Writers are atomic: they write a
 temporary file in the destination folder and rename it, so an interrupted job
@@ -28,7 +29,9 @@ from virtualcell.readers import check_spots_in_images
 
 RNA = "rna"
 PROT = "prot"
+ATAC = "atac"
 SPATIAL = "spatial"
+MODALITIES = (RNA, PROT, ATAC, SPATIAL)
 COUNTS_LAYER = "counts"
 H5AD = "h5ad"
 H5MU = "h5mu"
@@ -62,6 +65,36 @@ def write_table(table: pd.DataFrame, path: str | Path) -> None:
 
 def write_figure(figure: Any, path: str | Path) -> None:
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, bbox_inches="tight"))
+
+
+def write_figures(figures: Mapping[str, Any], folder: str | Path) -> None:
+    """Write each figure as ``{name}.png`` into ``folder``, all or none.
+
+    They go into a temporary folder beside ``folder`` that is then renamed into
+    place, so an interrupted write never leaves a folder that looks finished; a
+    folder already there (a rerun by hand) is replaced.
+    """
+    import shutil
+    import uuid
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir, unlike mkdtemp (0700), gives the folder the mode the umask intends, as atomic_write does.
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir()
+    try:
+        for name, figure in figures.items():
+            figure.savefig(tmp / f"{name}.png", dpi=110, bbox_inches="tight")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 # ---------------------------------------------------------------------------
@@ -197,6 +230,11 @@ def read_dataset(name: str, spec: Mapping[str, Any]) -> md.MuData:
         if source == "h5ad" and spec.get("protein_obsm_key"):
             mdata = readers.citeseq_from_anndata(read_h5ad(path), protein_obsm_key=spec["protein_obsm_key"],
                                                  origin=str(path))
+        elif source == "h5ad" and SPATIAL in spec.get("modalities", ()):
+            mdata = readers.read_spatial_h5ad(
+                path, image=spec.get("image_path"), image_scalef=spec.get("image_scalef", 1.0),
+                library_id=spec.get("library_id"), recover_counts=spec.get("recover_counts", False),
+            )
         elif source == "h5ad":
             mdata = md.MuData({RNA: read_h5ad(path)})
         elif source == "h5mu":
@@ -205,6 +243,8 @@ def read_dataset(name: str, spec: Mapping[str, Any]) -> md.MuData:
             mdata = readers.read_10x_h5(path)
         elif source == "10x_mtx":
             mdata = readers.read_10x_mtx(path)
+        elif source == "visium":
+            mdata = readers.read_visium(path, library_id=spec.get("library_id"))
         elif source == "csv":
             mdata = readers.read_csv_counts(
                 path, metadata_path=spec.get("metadata_path"), protein_path=spec.get("protein_path"),
@@ -213,18 +253,54 @@ def read_dataset(name: str, spec: Mapping[str, Any]) -> md.MuData:
         else:
             raise InputError(
                 f"config datasets.{name}.source: '{source}' has no reader; use one of synthetic, h5ad, h5mu, "
-                "10x_h5, 10x_mtx, csv"
+                "10x_h5, 10x_mtx, visium, csv"
             )
-        if RNA not in mdata.mod:
-            raise InputError(
-                f"{path}: no '{RNA}' modality (found {sorted(mdata.mod)}); name the expression modality 'rna'"
-            )
-    return harmonise(mdata, spec, origin=str(spec.get("path") or f"synthetic dataset {name}"))
+    origin = str(spec.get("path") or f"synthetic dataset {name}")
+    mdata = select_modalities(mdata, spec.get("modalities") or list(mdata.mod), dataset=name, origin=origin)
+    return harmonise(mdata, spec, origin=origin)
+
+
+def expression_modality(mdata: md.MuData) -> str:
+    """The modality the encoders and the simulator read: ``rna`` (cells), else ``spatial`` (spots)."""
+    if RNA in mdata.mod:
+        return RNA
+    if SPATIAL in mdata.mod:
+        return SPATIAL
+    raise InputError(f"no expression modality ('{RNA}' or '{SPATIAL}'; found {sorted(mdata.mod)})")
+
+
+def select_modalities(mdata: md.MuData, wanted: list[str], *, dataset: str, origin: str) -> md.MuData:
+    """Keep the declared modalities; a declared one that is missing is an error naming what is there."""
+    missing = [m for m in wanted if m not in mdata.mod]
+    if missing:
+        found = sorted(mdata.mod)
+        hints = {
+            RNA: "name the cells' expression modality 'rna' (or declare modalities [spatial] for a section's spots)",
+            PROT: "for an .h5ad with protein in obsm set protein_obsm_key; for RNA-only data set "
+                  f"modalities: {[m for m in wanted if m != PROT]}",
+            SPATIAL: "use source visium (a Space Ranger folder) or an .h5ad with obsm['spatial'] and image_path",
+        }
+        hint = hints.get(missing[0], f"set modalities to those the data holds, e.g. {found}")
+        raise InputError(
+            f"{origin}: no '{missing[0]}' modality (found {found}); config datasets.{dataset}.modalities "
+            f"declares {list(wanted)}: {hint}"
+        )
+    if RNA not in wanted and SPATIAL not in wanted:
+        raise InputError(
+            f"config datasets.{dataset}.modalities: {list(wanted)} has no expression modality; add rna (cells) "
+            "or spatial (spots)"
+        )
+    if set(mdata.mod) == set(wanted):
+        return mdata
+    out = md.MuData({m: mdata.mod[m] for m in wanted})
+    out.uns.update(dict(mdata.uns))
+    return out
 
 
 def harmonise(mdata: md.MuData, spec: Mapping[str, Any], *, origin: str) -> md.MuData:
     """Standardise names, keep raw counts in a layer and check they are counts."""
-    for mod_name in (RNA, PROT):
+    expression = expression_modality(mdata)
+    for mod_name in MODALITIES:
         if mod_name not in mdata.mod:
             continue
         adata = mdata.mod[mod_name]
@@ -247,7 +323,7 @@ def harmonise(mdata: md.MuData, spec: Mapping[str, Any], *, origin: str) -> md.M
                 adata.obs[std] = adata.obs[column]
             elif column in mdata.obs:
                 adata.obs[std] = mdata.obs[column].reindex(adata.obs_names)
-            elif mod_name == RNA:
+            elif mod_name == expression:
                 raise InputError(
                     f"{origin}: no obs column '{column}' (config {key}; found {sorted(map(str, adata.obs))[:20]}); "
                     f"fix {key} in the config or leave it empty"

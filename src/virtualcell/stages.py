@@ -23,18 +23,49 @@ import pandas as pd
 
 from virtualcell import io
 from virtualcell.errors import InputError
-from virtualcell.io import COUNTS_LAYER, PROT, RNA
+from virtualcell.io import COUNTS_LAYER, PROT, RNA, SPATIAL
+from virtualcell.pairing import IMAGE, PATCH_SHAPE
 from virtualcell.tracking import JobRun
 
+# The expression latent is "X_rna" for cells and for spots alike (spots measure RNA too).
 EMBED_RNA = "X_rna"
 EMBED_JOINT = "X_joint"
 SHARED = "X_shared"
 SHARED_RNA = "X_shared_rna"
-SHARED_PROT = "X_shared_prot"
-PROT_CLR = "X_prot_clr"
+# align's output: which modality the expression was aligned with
+PARTNER = "partner"
 NO_HOLDOUT = "none"
 # obs columns carried from the paired data into the embedding files
 CARRIED_OBS = ("split", "time", "batch", "condition", "celltype", "fate")
+
+
+def shared_key(partner: str) -> str:
+    """obsm key of a partner modality's shared embedding (``X_shared_prot``, ``X_shared_image``)."""
+    return f"X_shared_{partner}"
+
+
+def input_key(partner: str) -> str:
+    """obsm key of the features the partner's head read (protein CLR, flattened image patches)."""
+    return f"X_input_{partner}"
+
+
+def partner_modality(modalities: list[str]) -> str | None:
+    """What a dataset's expression is aligned with, from its declared modalities.
+
+    ``prot`` when cells have protein counts; ``image`` (patches of the tissue image under each
+    spot) for a spatial dataset without single-cell RNA; None for RNA alone (no alignment).
+    """
+    if RNA in modalities:
+        return PROT if PROT in modalities else None
+    if SPATIAL in modalities:
+        return IMAGE
+    raise InputError(f"{list(modalities)} has no expression modality; add rna (cells) or spatial (spots)")
+
+
+def state_of(data: ad.AnnData) -> tuple[str, np.ndarray]:
+    """The space the simulator runs in: the shared space after an alignment, else the RNA latent."""
+    key = SHARED if SHARED in data.obsm else EMBED_RNA
+    return ("shared" if key == SHARED else "rna_latent"), np.asarray(data.obsm[key], dtype=np.float32)
 
 
 def say(message: str) -> None:
@@ -129,50 +160,58 @@ def _fit(fit: Callable[..., list], *, run: JobRun, prefix: str, checkpoint: Path
 
 
 def ingest(*, dataset: str, spec: Mapping[str, Any], output: str, run: JobRun) -> None:
-    """Read the dataset and check, before any training, what the later stages need of it:
-    protein counts for the alignment, cells in common between RNA and protein, and for the
-    simulator at least 3 time points with the held-out ones interior."""
+    """Read the dataset and check, before any training, what the later stages need of it: the
+    declared modalities, cells in common between RNA and protein, and for the simulator at least
+    3 time points with the held-out ones interior."""
     from virtualcell.pairing import paired_cells
 
     say(f"ingest {dataset} from {spec['source']}")
     mdata = io.read_dataset(dataset, spec)
     origin = spec.get("path") or f"synthetic dataset {dataset}"
-    if PROT not in mdata.mod:
-        raise InputError(
-            f"{origin}: no '{PROT}' modality (found {sorted(mdata.mod)}); the align stage needs protein counts: "
-            f"name that modality '{PROT}' in the .h5mu, or for an .h5ad set protein_obsm_key "
-            f"(config datasets.{dataset})"
-        )
+    expression = io.expression_modality(mdata)
     paired = paired_cells(mdata, origin=origin)
-    if "time" in mdata.mod[RNA].obs:
-        times = observed_times(mdata.mod[RNA].obs, origin=origin)
+    if "time" in mdata.mod[expression].obs:
+        times = observed_times(mdata.mod[expression].obs, origin=origin)
         check_holdouts(spec.get("holdouts", "auto"), times, origin=f"{origin} (config datasets.{dataset}.holdouts)")
-    summary = {
-        "cells": int(mdata.n_obs),
-        **{f"{name}.cells": int(a.n_obs) for name, a in mdata.mod.items()},
-        **{f"{name}.features": int(a.n_vars) for name, a in mdata.mod.items()},
-        "prot.paired_fraction": len(paired) / max(mdata.mod[RNA].n_obs, 1),
-    }
+    summary: dict[str, float] = {"cells": int(mdata.n_obs)}
+    for name, adata in mdata.mod.items():
+        summary[f"{name}.cells"] = int(adata.n_obs)
+        summary[f"{name}.features"] = int(adata.n_vars)
+        if name != expression:
+            # Spots of a section are other observations than the cells, so 0 is expected there.
+            shared = adata.obs_names.intersection(mdata.mod[expression].obs_names)
+            summary[f"{name}.paired_fraction"] = len(shared) / max(mdata.mod[expression].n_obs, 1)
+    summary["paired_cells"] = len(paired)
     run.log_metrics({f"ingest.{k}": v for k, v in summary.items()})
     run.log_dict(summary, "ingest_summary.json")
     io.write_h5mu(mdata, output)
     say(f"wrote {output}: {summary}")
 
 
-def qc(*, input: str, output: str, summary: str, figure: str, params: Mapping[str, Any], run: JobRun) -> None:
-    from virtualcell.qc import qc_figure, run_qc
+def qc(*, input: str, output: str, summary: str, figures: str, params: Mapping[str, Any], run: JobRun) -> None:
+    """QC of every modality: ``output`` (.h5mu), ``summary`` (qc.json), ``figures``/{modality}.png."""
+    import matplotlib.pyplot as plt
+
+    from virtualcell.qc import qc_figures, run_qc
 
     mdata = io.read_h5mu(input)
-    say(f"qc on {mdata.mod[RNA].n_obs} cells x {mdata.mod[RNA].n_vars} genes")
+    say("qc on " + ", ".join(f"{name} {a.n_obs} x {a.n_vars}" for name, a in mdata.mod.items()))
     filtered, result = run_qc(mdata, origin=input, **params)
     run.log_metrics({f"qc.{k}": v for k, v in result.items()})
     run.log_dict(result, "qc.json")
-    fig = qc_figure(mdata, filtered, params)
-    run.log_figure(fig, "qc.png")
-    io.write_figure(fig, figure)
+    drawn = qc_figures(mdata, filtered, params)
+    for name, fig in drawn.items():
+        run.log_figure(fig, f"qc/{name}.png")
     io.write_json(result, summary)
     io.write_h5mu(filtered, output)
-    say(f"kept {result['cells_out']}/{result['cells_in']} cells, {result['highly_variable_genes']} HVGs")
+    io.write_figures(drawn, figures)
+    for fig in drawn.values():
+        plt.close(fig)
+    for name, part in result["modalities"].items():
+        removed = {f: sum(per_batch.values()) for f, per_batch in part.get("removed_by_filter_per_batch", {}).items()}
+        how = f"removed by filter: {removed}" if removed else f"the cells {part.get('cells_follow')} kept"
+        say(f"{name}: kept {part['cells_out']}/{part['cells_in']} observations, {part['features_out']}/"
+            f"{part['features_in']} features; {how}")
 
 
 def pair(*, input: str, output: str, split: str, params: Mapping[str, Any], run: JobRun) -> None:
@@ -190,7 +229,8 @@ def pair(*, input: str, output: str, split: str, params: Mapping[str, Any], run:
 
 
 def _model_inputs(paired) -> tuple[np.ndarray, np.ndarray | None, pd.DataFrame]:
-    rna = paired.mod[RNA]
+    """Expression counts (HVGs) of cells or spots, protein counts when there are any, and the obs carried on."""
+    rna = paired.mod[io.expression_modality(paired)]
     hvg = rna.var["highly_variable"].to_numpy() if "highly_variable" in rna.var else slice(None)
     x_rna = _dense(rna.layers[COUNTS_LAYER][:, hvg])
     x_prot = _dense(paired.mod[PROT].layers[COUNTS_LAYER]) if PROT in paired.mod else None
@@ -255,19 +295,29 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     if params["method"] != "clip":
         raise InputError(f"config align.method: unknown method '{params['method']}'; use clip")
     paired = io.read_h5mu(input)
-    if PROT not in paired.mod:
-        raise InputError(f"{input}: no '{PROT}' modality; RNA <-> protein alignment needs protein counts")
+    partner = PROT if PROT in paired.mod else IMAGE if IMAGE in paired.mod else None
+    if partner is None:
+        raise InputError(
+            f"{input}: nothing to align the expression with (no '{PROT}' or '{IMAGE}' modality); declare "
+            "modalities [rna, prot] for CITE-seq, [spatial] for a section with its image, or [rna] to skip align"
+        )
     emb = io.read_h5ad(embeddings)
     xa = np.asarray(emb.obsm[EMBED_RNA], dtype=np.float32)
-    xb = _dense(paired.mod[PROT][emb.obs_names].X)
+    xb = _dense(paired.mod[partner][emb.obs_names].X)
     split = emb.obs["split"].to_numpy()
     train, val = split == "train", split == "val"
+    image_shapes = None
+    if partner == IMAGE:
+        image_shapes = {IMAGE: [int(v) for v in paired.mod[IMAGE].uns[PATCH_SHAPE]]}
     aligner = Aligner(
-        {"rna": xa.shape[1], "prot": xb.shape[1]},
+        {"rna": xa.shape[1], partner: xb.shape[1]},
         n_shared=params["n_shared"], n_hidden=params["n_hidden"], dropout=params["dropout"],
         init_temperature=params["temperature"], learn_temperature=params["learn_temperature"],
+        image_shapes=image_shapes,
     )
-    say(f"align: CLIP RNA latent ({xa.shape[1]}) <-> protein CLR ({xb.shape[1]}) on {int(train.sum())} cells")
+    what = "protein CLR" if partner == PROT else "image patches"
+    say(f"align: CLIP expression latent ({xa.shape[1]}) <-> {what} ({xb.shape[1]}) on {int(train.sum())} "
+        f"{'cells' if partner == PROT else 'spots'}")
     checkpoint = checkpoint_file(model, every=checkpoint_every, arrays=[xa[train], xb[train], xa[val], xb[val]],
                                  settings={"params": params, "network": _network(aligner)})
     history = _fit(
@@ -278,11 +328,12 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
         ),
         run=run, prefix="align", checkpoint=checkpoint, every=checkpoint_every,
     )
-    za, zb = aligner.embed("rna", xa), aligner.embed("prot", xb)
+    za, zb = aligner.embed("rna", xa), aligner.embed(partner, xb)
     both = za + zb
     out = ad.AnnData(obs=emb.obs.copy())
-    out.obsm[SHARED_RNA], out.obsm[SHARED_PROT] = za, zb
-    out.obsm[EMBED_RNA], out.obsm[PROT_CLR] = xa, xb
+    out.uns[PARTNER] = partner
+    out.obsm[SHARED_RNA], out.obsm[shared_key(partner)] = za, zb
+    out.obsm[EMBED_RNA], out.obsm[input_key(partner)] = xa, xb
     out.obsm[SHARED] = both / np.linalg.norm(both, axis=1, keepdims=True).clip(1e-12)
     test = split == "test"
     metrics = retrieval_metrics(za[test], zb[test]) if test.sum() > 5 else {}
@@ -292,7 +343,7 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     ax.plot([h["loss"] for h in history], label="train")
     if "val_loss" in history[0]:
         ax.plot([h["val_loss"] for h in history], "--", label="val")
-    ax.set(xlabel="epoch", ylabel="symmetric InfoNCE", title="RNA <-> protein alignment")
+    ax.set(xlabel="epoch", ylabel="symmetric InfoNCE", title=f"expression <-> {what} alignment")
     ax.legend()
     run.log_figure(fig, "align_loss.png")
     io.atomic_write(model, aligner.save)
@@ -345,10 +396,10 @@ def simulate(*, input: str, holdout: str, output: str, figure: str, params: Mapp
     times = observed_times(shared.obs, origin=input)
     held = parse_holdout(holdout, times, origin=input)
     t = shared.obs["time"].to_numpy(dtype=float)
-    x = np.asarray(shared.obsm[SHARED], dtype=np.float32)
+    space, x = state_of(shared)
     keep = t != held if held is not None else np.ones(len(t), bool)
-    say(f"simulate: OT flow matching on {int(keep.sum())} cells at times {sorted(set(t[keep].tolist()))}"
-        f" (held out: {holdout})")
+    say(f"simulate: OT flow matching in the {space} space on {int(keep.sum())} cells at times "
+        f"{sorted(set(t[keep].tolist()))} (held out: {holdout})")
     sim = Simulator(x.shape[1], n_hidden=params["n_hidden"], n_layers=params["n_layers"],
                     potential=params["potential"])
     checkpoint = checkpoint_file(output, every=checkpoint_every, arrays=[x[keep], t[keep]],
@@ -360,14 +411,14 @@ def simulate(*, input: str, holdout: str, output: str, figure: str, params: Mapp
     )
     io.atomic_write(output, sim.save)
     run.log_artifact(output, artifact_path="models")
-    fig = trajectory_figure(sim, x, t, held=held, n_steps=params["n_steps"])
+    fig = trajectory_figure(sim, x, t, held=held, n_steps=params["n_steps"], space=space)
     run.log_figure(fig, "trajectories.png")
     io.write_figure(fig, figure)
     remove_checkpoints(checkpoint)
 
 
-def trajectory_figure(sim, x: np.ndarray, t: np.ndarray, *, held: float | None, n_steps: int):
-    """Cells in the first two PCs of the shared space, coloured by time, with simulated paths."""
+def trajectory_figure(sim, x: np.ndarray, t: np.ndarray, *, held: float | None, n_steps: int, space: str):
+    """Cells in the first two PCs of the state space, coloured by time, with simulated paths."""
     from sklearn.decomposition import PCA
 
     plt = _figure()
@@ -390,7 +441,7 @@ def trajectory_figure(sim, x: np.ndarray, t: np.ndarray, *, held: float | None, 
     for line in lines:
         ax.plot(line[:, 0], line[:, 1], color="black", linewidth=0.6, alpha=0.7)
     fig.colorbar(sca, ax=ax, label="time")
-    ax.set(xlabel="PC1 (shared space)", ylabel="PC2", title="simulated trajectories")
+    ax.set(xlabel=f"PC1 ({space.replace('_', ' ')} space)", ylabel="PC2", title="simulated trajectories")
     return fig
 
 
@@ -406,11 +457,16 @@ def evaluate(*, shared: str, simulators: Mapping[str, str], output: str, figure:
     seed, max_points = params["seed"], params["max_points"]
     metrics: dict[str, Any] = {"dataset": dataset}
 
-    if SHARED_PROT in data.obsm and test.sum() > 5:
-        za, zb = data.obsm[SHARED_RNA], data.obsm[SHARED_PROT]
-        xa, xb = np.asarray(data.obsm[EMBED_RNA]), np.asarray(data.obsm[PROT_CLR])
+    partner = data.uns.get(PARTNER)
+    if partner and test.sum() > 5:
+        za, zb = data.obsm[SHARED_RNA], data.obsm[shared_key(partner)]
+        xa, xb = np.asarray(data.obsm[EMBED_RNA]), np.asarray(data.obsm[input_key(partner)])
+        if partner == IMAGE:
+            # CCA on thousands of pixels of a few hundred spots only memorises; the linear baseline
+            # sees the patches' leading principal components, fitted on training spots.
+            xb = ev.pca_features(xb, fit=train, n_components=za.shape[1])
         cca = ev.cca_embedding(xa[train], xb[train], xa[test], xb[test], n_components=za.shape[1])
-        metrics["alignment"] = {"rna-prot": ev.compare_retrieval({
+        metrics["alignment"] = {f"rna-{partner}": ev.compare_retrieval({
             "model": (za[test], zb[test]),
             "cca": cca,
             "random": ev.random_embedding(za[test], seed=seed),
@@ -418,7 +474,8 @@ def evaluate(*, shared: str, simulators: Mapping[str, str], output: str, figure:
 
     holdouts = {h: p for h, p in simulators.items() if h != NO_HOLDOUT}
     if holdouts:
-        x = np.asarray(data.obsm[SHARED], dtype=np.float64)
+        space, x = state_of(data)
+        x = x.astype(np.float64)
         t = obs["time"].to_numpy(dtype=float)
         times = observed_times(obs, origin=shared)
         per_holdout: dict[str, dict[str, dict[str, float]]] = {}
@@ -441,7 +498,7 @@ def evaluate(*, shared: str, simulators: Mapping[str, str], output: str, figure:
                      for m, p in predictions.items()}
             dists["noise_floor"] = ev.noise_floor(x_true, max_points=max_points, seed=seed)
             per_holdout[label] = {
-                f"{d}_shared": {m: v[d] for m, v in dists.items()} for d in ("w1", "w2", "mmd")
+                f"{d}_{space}": {m: v[d] for m, v in dists.items()} for d in ("w1", "w2", "mmd")
             }
             say(f"evaluate: holdout t={label}: W1 model {dists['model']['w1']:.4f}, "
                 f"OT interpolation {dists['ot_interp']['w1']:.4f}, noise floor {dists['noise_floor']['w1']:.4f}")
@@ -449,7 +506,7 @@ def evaluate(*, shared: str, simulators: Mapping[str, str], output: str, figure:
         mean = {
             d: {m: float(np.mean([per_holdout[h][d][m] for h in per_holdout])) for m in first[d]} for d in first
         }
-        metrics["simulation"] = {"space": "shared", "holdouts": per_holdout, "mean": mean}
+        metrics["simulation"] = {"space": space, "holdouts": per_holdout, "mean": mean}
 
     truth = truth_scores(data, train=train, test=test, seed=seed)
     if truth:
@@ -475,7 +532,7 @@ def truth_scores(data: ad.AnnData, *, train: np.ndarray, test: np.ndarray, seed:
         return {}
     keep = np.isin(fate, names[:2])
     y = fate == names[0]
-    x = np.asarray(data.obsm[SHARED])
+    _, x = state_of(data)
     fit, score = train & keep, test & keep
     if len(set(y[fit])) < 2 or len(set(y[score])) < 2:
         return {}
@@ -500,16 +557,17 @@ def metrics_figure(metrics: Mapping[str, Any]):
     sim = metrics.get("simulation")
     if sim:
         labels = list(sim["holdouts"])
-        methods = list(sim["mean"]["w1_shared"])
+        w1 = f"w1_{sim['space']}"
+        methods = list(sim["mean"][w1])
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
             axes[0].bar(np.arange(len(labels)) + i * width,
-                        [sim["holdouts"][h]["w1_shared"][method] for h in labels], width, label=method)
+                        [sim["holdouts"][h][w1][method] for h in labels], width, label=method)
         axes[0].set_xticks(np.arange(len(labels)) + 0.4 - width / 2, [f"t={h}" for h in labels])
-        axes[0].set(ylabel="W1 to held-out cells (shared space)", title="held-out time points")
+        axes[0].set(ylabel=f"W1 to held-out cells ({sim['space'].replace('_', ' ')} space)",
+                    title="held-out time points")
         axes[0].legend(fontsize=7)
-    align_metrics = metrics.get("alignment", {}).get("rna-prot")
-    if align_metrics:
+    for pair_name, align_metrics in metrics.get("alignment", {}).items():
         names = ["top1", "top5", "foscttm"]
         methods = list(align_metrics["top1"])
         width = 0.8 / len(methods)
@@ -517,7 +575,7 @@ def metrics_figure(metrics: Mapping[str, Any]):
             axes[1].bar(np.arange(len(names)) + i * width, [align_metrics[n][method] for n in names], width,
                         label=method)
         axes[1].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
-        axes[1].set(title="RNA <-> protein retrieval (test cells)")
+        axes[1].set(title=f"{pair_name} retrieval (test {'spots' if pair_name.endswith(IMAGE) else 'cells'})")
         axes[1].legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -532,7 +590,8 @@ def register(*, simulator: str, shared: str, metrics: str, output: str, summary:
     io.read_model(Simulator, simulator)  # a corrupt file fails here, named, not inside MLflow
     data = io.read_h5ad(shared)
     t = data.obs["time"].to_numpy(dtype=float) if "time" in data.obs else np.zeros(data.n_obs)
-    example = simulator_input_example(np.asarray(data.obsm[SHARED])[:5], t_start=float(np.min(t)), horizon=1.0)
+    _, state = state_of(data)
+    example = simulator_input_example(state[:5], t_start=float(np.min(t)), horizon=1.0)
     name = f"virtualcell-{dataset}" if params["register"] else None
     uri = run.log_simulator(simulator, name="virtualcell", registered_model_name=name, input_example=example)
     values = json.loads(Path(metrics).read_text())
@@ -540,14 +599,14 @@ def register(*, simulator: str, shared: str, metrics: str, output: str, summary:
     for d, by_method in values.get("simulation", {}).get("mean", {}).items():
         rows += [{"section": "simulation (mean over holdouts)", "metric": d, "method": m, "value": v}
                  for m, v in by_method.items()]
-    for d, by_method in values.get("alignment", {}).get("rna-prot", {}).items():
-        rows += [{"section": "alignment rna-prot", "metric": d, "method": m, "value": v}
-                 for m, v in by_method.items()]
+    for pair_name, section in values.get("alignment", {}).items():
+        rows += [{"section": f"alignment {pair_name}", "metric": d, "method": m, "value": v}
+                 for d, by_method in section.items() for m, v in by_method.items()]
     for d, v in values.get("truth", {}).items():
         rows.append({"section": "ground truth", "metric": d, "method": "model", "value": v})
     table = pd.DataFrame(rows)
     run.log_table(table, "summary.tsv")
     io.write_table(table, summary)
     io.write_json({"dataset": dataset, "model_uri": uri, "registered_model": name,
-                   "state_dim": int(data.obsm[SHARED].shape[1])}, output)
+                   "state_dim": int(state.shape[1])}, output)
     say(f"registered {name} ({uri})")

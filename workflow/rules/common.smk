@@ -8,7 +8,7 @@ from virtualcell import tracking
 from virtualcell.cli import ENV_CHECKPOINT_EVERY
 from virtualcell.config import validate_config
 from virtualcell.errors import InputError
-from virtualcell.stages import NO_HOLDOUT, check_holdouts, holdout_label
+from virtualcell.stages import NO_HOLDOUT, check_holdouts, holdout_label, partner_modality
 
 try:
     # In place: Snakemake keeps its own reference to this dict.
@@ -55,12 +55,26 @@ def dataset_spec(wildcards):
 def get_raw_input(wildcards):
     """The dataset's files, so Snakemake reruns ingest when one changes (none for synthetic)."""
     spec = config["datasets"][wildcards.dataset]
-    return [spec[key] for key in ("path", "metadata_path", "protein_path") if spec[key]]
+    return [spec[key] for key in ("path", "metadata_path", "protein_path", "image_path") if spec[key]]
 
 
 def has_time(dataset):
+    """Whether the dataset has time points to simulate (the generator's cells do; its spots do not)."""
     spec = config["datasets"][dataset]
-    return spec["source"] == "synthetic" or bool(spec["time_key"])
+    return (spec["source"] == "synthetic" and "rna" in spec["modalities"]) or bool(spec["time_key"])
+
+
+def alignment_partner(dataset):
+    """What the expression is aligned with: protein, image patches (spots), or nothing (RNA only)."""
+    return partner_modality(config["datasets"][dataset]["modalities"])
+
+
+def get_state(wildcards):
+    """The cell states the simulator and evaluation read: the shared space, or the RNA latent
+    space of a dataset with nothing to align."""
+    if alignment_partner(wildcards.dataset):
+        return rules.align.output.shared
+    return rules.embed.output.embeddings
 
 
 def get_holdouts(dataset):
@@ -89,7 +103,13 @@ def get_holdouts(dataset):
 
 
 for _dataset in config["datasets"]:
-    get_holdouts(_dataset)  # a held-out time point that is not interior fails at start, not in a job
+    # A held-out time point that is not interior, or modalities without an expression one, fail at
+    # start, not in a job.
+    get_holdouts(_dataset)
+    try:
+        alignment_partner(_dataset)
+    except InputError as exc:
+        raise WorkflowError(f"config datasets.{_dataset}.modalities: {exc}") from None
 
 
 def get_simulators(wildcards):
@@ -105,9 +125,14 @@ def simulator_args(wildcards):
 
 
 def get_final_outputs():
+    """metrics.json when there is something to evaluate (an alignment, time points), the registered
+    model when there is a simulator, else the embeddings."""
     outputs = []
     for dataset in config["datasets"]:
-        outputs.append(f"{RESULTS}/{dataset}/evaluate/metrics.json")
+        if alignment_partner(dataset) or has_time(dataset):
+            outputs.append(f"{RESULTS}/{dataset}/evaluate/metrics.json")
+        else:
+            outputs.append(f"{RESULTS}/{dataset}/embed/embeddings.h5ad")
         if has_time(dataset):
             outputs.append(f"{RESULTS}/{dataset}/report/model.json")
     return outputs

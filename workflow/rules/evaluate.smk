@@ -1,6 +1,6 @@
 rule evaluate:
     input:
-        shared=rules.align.output.shared,
+        shared=get_state,
         simulators=lambda wc: list(get_simulators(wc).values()),
     output:
         metrics=f"{RESULTS}/{{dataset}}/evaluate/metrics.json",

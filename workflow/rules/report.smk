@@ -1,7 +1,7 @@
 rule report:
     input:
         simulator=f"{RESULTS}/{{dataset}}/simulate/{NO_HOLDOUT}/simulator.pt",
-        shared=rules.align.output.shared,
+        shared=get_state,
         metrics=rules.evaluate.output.metrics,
     output:
         model=f"{RESULTS}/{{dataset}}/report/model.json",

@@ -1,6 +1,6 @@
 rule simulate:
     input:
-        shared=rules.align.output.shared,
+        shared=get_state,
     output:
         model=f"{RESULTS}/{{dataset}}/simulate/{{holdout}}/simulator.pt",
         figure=report(
