@@ -133,6 +133,9 @@ def test_declared_modalities_are_kept_and_a_missing_one_is_named(tmp_path):
     spec = {"source": "synthetic", "generator": {"n_cells": 100, "n_genes": 40, "n_proteins": 4, "n_spots": 20}}
     assert set(io.read_dataset("s", {**spec, "modalities": ["rna", "prot", "spatial"]}).mod) == {"rna", "prot", "spatial"}
     assert set(io.read_dataset("s", {**spec, "modalities": ["rna"]}).mod) == {"rna"}
+    # The generator's section alone: the cells' time column does not apply to spots; their niche is the truth.
+    section = io.read_dataset("s", {**spec, "modalities": ["spatial"], "time_key": "time"})["spatial"]
+    assert "time" not in section.obs and (section.obs["celltype"] == section.obs["niche"]).all()
     path = _h5ad(tmp_path, np.ones((5, 3), dtype=np.float32))
     with pytest.raises(InputError, match=r"data\.h5ad: no 'prot' modality \(found \['rna'\]\); config "
                                          r"datasets\.mine\.modalities .*set modalities: \['rna'\]"):

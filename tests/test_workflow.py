@@ -222,6 +222,12 @@ def test_real_spatial_config_aligns_spots_with_their_image_patches(tmp_path):
     assert shared.obsm["X_input_image"].shape == (49, 3 * 32 * 32)
     assert job_rules(tmp_path, "virtualcell-real-spatial") == [
         "align", "embed", "evaluate", "ingest", "pair", "qc", "workflow"]
+    client = MlflowClient(tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/results/mlflow.db"))
+    runs = client.search_runs([client.get_experiment_by_name("virtualcell-real-spatial").experiment_id])
+    by_rule = {r.data.tags.get(tracking.TAG_RULE): r.info.run_id for r in runs}
+    # the spot <-> patch pairs as the aligner sees them, and the counts per spot over the tissue image
+    assert "image_patches.png" in {a.path for a in client.list_artifacts(by_rule["pair"])}
+    assert "qc/spatial.png" in {a.path for a in client.list_artifacts(by_rule["qc"], "qc")}
 
 
 def test_rna_only_dataset_skips_the_alignment_and_simulates_in_the_rna_latent(tmp_path):
@@ -243,6 +249,14 @@ def test_rna_only_dataset_skips_the_alignment_and_simulates_in_the_rna_latent(tm
     assert 0.5 < metrics["truth"]["fate_auroc"] <= 1
     model = json.loads((results / "report" / "model.json").read_text())
     assert model["state_dim"] == 10  # embed.n_latent: the RNA latent space
+
+
+def test_the_default_dataset_as_a_section_alone_plans_no_simulator(tmp_path):
+    """modalities [spatial] on the default synthetic dataset (whose time_key names the cells' time):
+    the spots carry no time, so there is no simulate or report job."""
+    override = _override(tmp_path, "datasets:\n  synthetic:\n    modalities: [spatial]\n")
+    jobs = scheduled(snakemake(tmp_path, "-n", extra_configs=[override]))
+    assert jobs == {"ingest": 1, "qc": 1, "pair": 1, "embed": 1, "align": 1, "evaluate": 1, "all": 1}
 
 
 def test_a_synthetic_section_aligns_spot_expression_with_the_tissue_under_it(tmp_path):

@@ -221,6 +221,9 @@ def read_dataset(name: str, spec: Mapping[str, Any]) -> md.MuData:
 
         mdata = generate(**spec.get("generator", {}))
         spec = {"time_key": "time", "batch_key": "batch", "celltype_key": "fate", **spec}
+        if RNA not in (spec.get("modalities") or mdata.mod):
+            # The generator's section alone: its spots carry no time, batch or fate, but a true niche.
+            spec = {**spec, "time_key": None, "batch_key": None, "celltype_key": "niche"}
     else:
         path = Path(spec.get("path") or "")
         if not spec.get("path"):

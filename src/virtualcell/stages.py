@@ -223,9 +223,32 @@ def pair(*, input: str, output: str, split: str, params: Mapping[str, Any], run:
     run.log_metrics({f"pair.{s}_cells": int(n) for s, n in counts.items()} | {"pair.cells": paired.n_obs})
     table = paired.obs[["split"]].copy()
     run.log_table(table, "split.tsv")
+    if IMAGE in paired.mod:
+        # What the aligner will see of the tissue: a sample of the spot <-> patch pairs.
+        run.log_figure(patch_figure(paired), "image_patches.png")
     io.write_table(table, split)
     io.write_h5mu(paired, output)
-    say(f"paired {paired.n_obs} cells: {counts.to_dict()}")
+    say(f"paired {paired.n_obs} {'spots with their image patches' if IMAGE in paired.mod else 'cells'}: "
+        f"{counts.to_dict()}")
+
+
+def patch_figure(paired, *, n: int = 24):
+    """Image patches of ``n`` spots (evenly through the spots), titled with each spot's total counts."""
+    plt = _figure()
+    shape = paired.mod[IMAGE].uns[PATCH_SHAPE]
+    spots = np.linspace(0, paired.n_obs - 1, num=min(n, paired.n_obs)).astype(int)
+    patches = np.asarray(paired.mod[IMAGE].X)[spots].reshape(-1, *shape).transpose(0, 2, 3, 1)
+    totals = np.asarray(paired.mod[SPATIAL].layers[COUNTS_LAYER][spots].sum(axis=1)).ravel()
+    cols = 8
+    fig, axes = plt.subplots(-(-len(spots) // cols), cols, figsize=(cols * 1.2, 1.35 * -(-len(spots) // cols)),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, patch, total in zip(axes.ravel(), patches, totals, strict=False):
+        ax.imshow(patch)
+        ax.set_title(f"{total:.0f}", fontsize=7)
+    fig.suptitle("tissue image patches paired with spots (title: counts in the spot)", fontsize=9)
+    return fig
 
 
 def _model_inputs(paired) -> tuple[np.ndarray, np.ndarray | None, pd.DataFrame]:

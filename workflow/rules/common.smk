@@ -61,7 +61,9 @@ def get_raw_input(wildcards):
 def has_time(dataset):
     """Whether the dataset has time points to simulate (the generator's cells do; its spots do not)."""
     spec = config["datasets"][dataset]
-    return (spec["source"] == "synthetic" and "rna" in spec["modalities"]) or bool(spec["time_key"])
+    if spec["source"] == "synthetic":
+        return "rna" in spec["modalities"]
+    return bool(spec["time_key"])
 
 
 def alignment_partner(dataset):
