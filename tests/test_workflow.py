@@ -168,10 +168,10 @@ def test_a_failing_job_marks_its_run_and_the_workflow_failed(tmp_path):
 def run_real_config(tmp_path: Path, config: str, data: str) -> None:
     """Run config/<config> instead of the default, as its header tells a user to: the test data it
     names are fetched (pinned, checked) into the cache if missing, and data/testdata points there."""
-    from virtualcell.readers import _fetch_module, testdata_path
+    from virtualcell.readers import testdata_cache, testdata_path
 
     testdata_path(data)
-    cache = _fetch_module().cache_dir()
+    cache = testdata_cache()
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "testdata").symlink_to(cache)
     run_config(tmp_path, REPO / "config" / config)

@@ -886,6 +886,15 @@ def testdata_path(name: str, *, fetch: bool = True) -> Path:
 testdata_path.__test__ = False  # not a test, though pytest collects names starting with "test"
 
 
+def testdata_cache() -> Path:
+    """The folder the test datasets are cached in (``$VIRTUALCELL_TESTDATA`` or the default),
+    laid out as the repository's configs expect under ``data/testdata``."""
+    return _fetch_module().cache_dir()
+
+
+testdata_cache.__test__ = False
+
+
 @functools.cache
 def _fetch_module():
     script = Path(__file__).resolve().parents[2] / "scripts" / "fetch_test_data.py"
@@ -910,4 +919,5 @@ __all__ = [
     "read_csv_counts",
     "check_spots_in_images",
     "testdata_path",
+    "testdata_cache",
 ]
