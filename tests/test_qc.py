@@ -113,28 +113,34 @@ def test_mad_filter_removes_an_outlier_planted_in_one_batch_and_keeps_the_same_d
 # doublets
 
 
-@pytest.fixture(scope="module")
-def with_doublets():
-    """1,000 generated cells plus 20 doublets, each the sum of a fate-A and a fate-B cell of one batch
-    (observed late, when the fates differ most)."""
+def planted_doublets(n_cells: int, n_doublets: int, *, one_batch: bool = False) -> md.MuData:
+    """Generated cells (300 genes) plus doublets, each the sum of a fate-A and a fate-B cell of one
+    batch (observed late, when the fates differ most); ``one_batch`` puts every cell in one batch."""
     from virtualcell.synthetic import generate
 
-    rna = generate(n_cells=1000, n_genes=300, n_proteins=8, n_spots=40, time_points=[0, 1, 2, 3, 4], seed=0)["rna"]
+    rna = generate(n_cells=n_cells, n_genes=300, n_proteins=8, n_spots=40, time_points=[0, 1, 2, 3, 4],
+                   seed=0)["rna"]
     rng = np.random.default_rng(0)
     healthy = ~rna.obs["low_quality"].to_numpy() & (rna.obs["time"].to_numpy() >= 3)
     basin = rna.obs["basin"].astype(str).to_numpy()
-    batch = rna.obs["batch"].astype(str).to_numpy()
+    batch = np.full(n_cells, "b0") if one_batch else rna.obs["batch"].astype(str).to_numpy()
     fate_a = np.flatnonzero(healthy & (basin == "fate_A"))
     fate_b = np.flatnonzero(healthy & (basin == "fate_B"))
-    firsts = rng.choice(fate_a, 20, replace=False)
+    firsts = rng.choice(fate_a, n_doublets, replace=False)
     seconds = [rng.choice(fate_b[batch[fate_b] == batch[i]]) for i in firsts]
     counts = sp.csr_matrix(rna.X)
-    doublets = sp.csr_matrix(sp.vstack([counts[i] + counts[j] for i, j in zip(firsts, seconds, strict=True)]))
+    doublets = counts[firsts] + counts[seconds]
     cells = ad.AnnData(sp.vstack([counts, doublets]).tocsr(),
                        obs=pd.DataFrame({"batch": np.r_[batch, batch[firsts]]},
-                                        index=[*rna.obs_names, *(f"doublet{k}" for k in range(20))]),
+                                        index=[*rna.obs_names, *(f"doublet{k}" for k in range(n_doublets))]),
                        var=pd.DataFrame(index=rna.var_names))
     return _rna_only(cells)
+
+
+@pytest.fixture(scope="module")
+def with_doublets():
+    """1,000 generated cells plus 20 planted doublets."""
+    return planted_doublets(1000, 20)
 
 
 def test_a_doublet_made_by_summing_two_cells_scores_high(with_doublets):
@@ -363,3 +369,58 @@ def test_the_qc_step_writes_data_summary_and_a_figure_per_modality(tmp_path, tin
     summary = json.loads((out / "qc.json").read_text())
     assert set(summary["modalities"]) == {"rna", "prot", "spatial"}
     assert set(io.read_h5mu(tmp_path / "qc.h5mu").mod) == {"rna", "prot", "spatial"}
+
+
+# real size: one batch of 20,000 cells, where scrublet leaves the small-data path
+
+
+def test_qc_of_20000_cells_in_one_batch_finds_the_planted_doublets_and_stays_sparse():
+    """Issue 10: scanpy's scrublet crashed above ~4,100 cells in a batch (its approximate-neighbour
+    path). QC of a generated single-batch 20,000-cell dataset now scores every cell, finds the
+    doublets planted in it, and keeps the cells x genes matrices sparse."""
+    data = planted_doublets(20_000, 200, one_batch=True)
+    out, summary = run_qc(data, n_top_genes=200, doublets={"remove": False})
+    obs = out["rna"].obs
+    report = summary["modalities"]["rna"]["doublets"]
+    assert report["detected"] and set(report["predicted_per_batch"]) == {"b0"}
+    assert report["scored"] == summary["cells_out"] > 19_000
+    planted = obs.index.str.startswith("doublet")
+    from sklearn.metrics import roc_auc_score
+
+    assert planted.sum() > 100  # the others were removed by the per-batch MAD filters (too many counts)
+    assert roc_auc_score(planted, obs["doublet_score"]) > 0.85
+    assert sp.issparse(out["rna"].X) and sp.issparse(out["rna"].layers["counts"])
+
+
+def test_scrublet_on_a_batch_above_the_exact_limit_uses_approximate_neighbours(monkeypatch):
+    """Above qc.SCRUBLET_EXACT_MAX_CELLS cells in a batch, scrublet's neighbours come from
+    pynndescent: the path that crashed with pynndescent 0.7.0 (pinned to 0.6.0 in pyproject).
+    The limit is lowered so that 5,000 cells take that path."""
+    from virtualcell import qc
+
+    monkeypatch.setattr(qc, "SCRUBLET_EXACT_MAX_CELLS", 1000)
+    data = planted_doublets(5000, 50, one_batch=True)
+    out, summary = run_qc(data, n_top_genes=200, doublets={"remove": False})
+    obs = out["rna"].obs
+    planted = obs.index.str.startswith("doublet")
+    from sklearn.metrics import roc_auc_score
+
+    assert summary["modalities"]["rna"]["doublets"]["scored"] == summary["cells_out"]
+    assert roc_auc_score(planted, obs["doublet_score"]) > 0.85
+
+
+def test_a_scrublet_failure_is_one_line_naming_the_file_and_the_way_out(with_doublets, monkeypatch):
+    """Whatever breaks inside scrublet (here the AttributeError the pynndescent clash raised) reaches
+    the user as one line naming the input and the config key that skips doublet detection."""
+    import scanpy as sc
+
+    def broken(*args, **kwargs):
+        raise AttributeError("'csr_array' object has no attribute 'getnnz'")
+
+    monkeypatch.setattr(sc.pp, "scrublet", broken)
+    with pytest.raises(InputError) as err:
+        run_qc(with_doublets, mad=None, origin="cells.h5mu")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("cells.h5mu: doublet detection (scanpy scrublet")
+    assert "getnnz" in message and message.endswith("set qc.doublets.detect: false to skip it")
