@@ -139,6 +139,33 @@ def test_count_encoder_same_seed_same_numbers():
     assert not np.array_equal(fits[0], fits[2])
 
 
+def test_count_encoder_trains_from_sparse_counts_with_the_numbers_of_dense(monkeypatch):
+    """Sparse counts (CSR) train without the whole matrix ever densified, and to exactly the numbers
+    the dense array gives: same seed, same minibatches, same losses and embedding."""
+    import scipy.sparse as sp
+
+    x, _ = _counts(n=80)
+    dense = CountEncoder([40, 10], n_latent=3, n_hidden=16)
+    h_dense = dense.fit(x, x_val=x[:20], epochs=3, batch_size=32, device=CPU, seed=1)
+    widest = []
+    to_dense = sp.csr_matrix.toarray
+
+    def counted(self, *args, **kwargs):
+        widest.append(self.shape[0])
+        return to_dense(self, *args, **kwargs)
+
+    monkeypatch.setattr(sp.csr_matrix, "toarray", counted)
+    sparse = CountEncoder([40, 10], n_latent=3, n_hidden=16)
+    h_sparse = sparse.fit(sp.csr_matrix(x), x_val=sp.csr_matrix(x[:20]), epochs=3, batch_size=32, device=CPU,
+                          seed=1)
+    z = sparse.encode(sp.csr_matrix(x), batch_size=32)
+    assert h_sparse == h_dense
+    np.testing.assert_array_equal(z, dense.encode(x))
+    assert max(widest) <= 32  # only minibatches of rows were densified
+    with pytest.raises(ValueError, match="negative"):
+        sparse.fit(sp.csr_matrix(-np.ones((3, 50))), epochs=1, device=CPU)
+
+
 def test_count_encoder_rejects_bad_input():
     enc = CountEncoder([4], n_latent=2, n_hidden=8)
     # Bad data is a ValueError for Python callers and an InputError for the CLI.

@@ -20,6 +20,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from virtualcell import io
 from virtualcell.errors import InputError
@@ -113,9 +114,11 @@ def checkpoint_file(model: str | Path, *, every: int, settings: Mapping[str, Any
     folder = model.parent / CHECKPOINTS
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for array in arrays:
-        array = np.ascontiguousarray(array)
+        # A sparse matrix is hashed by its parts, without densifying it.
+        parts = (array.data, array.indices, array.indptr) if sp.issparse(array) else (array,)
         digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array)
+        for part in parts:
+            digest.update(np.ascontiguousarray(part))
     path = folder / f"{model.stem}.{digest.hexdigest()[:16]}.pt"
     for old in [*folder.glob(f"{model.stem}.*.pt"), *folder.glob(f".{model.stem}.*.tmp")]:
         if old != path:
@@ -251,14 +254,21 @@ def patch_figure(paired, *, n: int = 24):
     return fig
 
 
-def _model_inputs(paired) -> tuple[np.ndarray, np.ndarray | None, pd.DataFrame]:
-    """Expression counts (HVGs) of cells or spots, protein counts when there are any, and the obs carried on."""
+def _model_inputs(paired) -> tuple[Any, Any, pd.DataFrame]:
+    """Expression counts (HVGs) of cells or spots, protein counts when there are any, and the obs carried on.
+
+    Counts stay sparse (CSR) when stored sparse: the encoders densify a minibatch of rows at a time.
+    """
     rna = paired.mod[io.expression_modality(paired)]
     hvg = rna.var["highly_variable"].to_numpy() if "highly_variable" in rna.var else slice(None)
-    x_rna = _dense(rna.layers[COUNTS_LAYER][:, hvg])
-    x_prot = _dense(paired.mod[PROT].layers[COUNTS_LAYER]) if PROT in paired.mod else None
+    x_rna = _counts(rna.layers[COUNTS_LAYER][:, hvg])
+    x_prot = _counts(paired.mod[PROT].layers[COUNTS_LAYER]) if PROT in paired.mod else None
     obs = rna.obs[[c for c in CARRIED_OBS if c in rna.obs]].copy()
     return x_rna, x_prot, obs
+
+
+def _counts(x: Any) -> Any:
+    return sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
 
 
 def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: str,
@@ -275,7 +285,8 @@ def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: 
     fit_kwargs = {k: params[k] for k in ("epochs", "batch_size", "lr", "seed")}
     blocks = {"rna": (x_rna, [x_rna.shape[1]], rna_model, EMBED_RNA)}
     if x_prot is not None and params["joint"]:
-        joint = np.concatenate([x_rna, x_prot], axis=1)
+        joint = (sp.hstack([x_rna, x_prot], format="csr") if sp.issparse(x_rna) or sp.issparse(x_prot)
+                 else np.concatenate([x_rna, x_prot], axis=1))
         blocks["joint"] = (joint, [x_rna.shape[1], x_prot.shape[1]], joint_model, EMBED_JOINT)
     out = ad.AnnData(obs=obs)
     histories = {}
@@ -511,11 +522,12 @@ def evaluate(*, shared: str, simulators: Mapping[str, str], output: str, figure:
             predictions = {
                 "model": sim.simulate(x_prev.astype(np.float32), t0=float(prev), t1=float(held),
                                       n_steps=params["n_steps"]),
-                "ot_interp": ev.ot_interpolate(x_prev, x_next, alpha, n=len(x_true), seed=seed),
+                "ot_interp": ev.ot_interpolate(x_prev, x_next, alpha, n=len(x_true), max_points=max_points,
+                                               seed=seed),
                 "copy_prev": x_prev,
                 "copy_next": x_next,
                 "random_coupling": ev.random_coupling_interpolate(x_prev, x_next, alpha, n=len(x_true),
-                                                                  seed=seed),
+                                                                  max_points=max_points, seed=seed),
             }
             dists = {m: ev.distribution_distances(p, x_true, max_points=max_points, seed=seed)
                      for m, p in predictions.items()}

@@ -24,7 +24,7 @@ from torch import nn
 from virtualcell.errors import InputError
 from virtualcell.files import atomic_write
 
-__all__ = ["BadInputError", "resolve_device", "minibatches", "atomic_torch_save", "epoch_seed", "fit"]
+__all__ = ["BadInputError", "resolve_device", "minibatches", "dense_rows", "atomic_torch_save", "epoch_seed", "fit"]
 
 # Keys of a training checkpoint file.
 CKPT_MODULE = "module"
@@ -102,7 +102,8 @@ def minibatches(
     Parameters
     ----------
     *tensors
-        Tensors sharing their first dimension.
+        Tensors sharing their first dimension; a scipy sparse matrix (CSR) may stand in
+        for one, and its rows are densified batch by batch (as float32 CPU tensors).
     batch_size
         Rows per batch; the last batch may be smaller.
     generator
@@ -119,16 +120,26 @@ def minibatches(
         raise BadInputError("minibatches needs at least one tensor")
     if batch_size < 1:
         raise BadInputError(f"batch_size must be >= 1; got {batch_size}")
-    n = len(tensors[0])
-    if any(len(t) != n for t in tensors):
-        raise BadInputError(f"minibatches needs tensors of equal length; got {[len(t) for t in tensors]}")
-    device = tensors[0].device
-    # The permutation is drawn on CPU so the order does not depend on the device.
+    n = tensors[0].shape[0]
+    if any(t.shape[0] != n for t in tensors):
+        raise BadInputError(f"minibatches needs tensors of equal length; got {[t.shape[0] for t in tensors]}")
+    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    # The permutation is drawn on CPU so the order does not depend on the device (nor on whether
+    # the data are sparse: the same seed visits the same rows in the same order).
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    order = order.to(device)
+    on_device = order.to(device)
     for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        yield tuple(t[idx] for t in tensors)
+        idx = on_device[start : start + batch_size]
+        rows = order[start : start + batch_size].numpy()
+        yield tuple(t[idx] if isinstance(t, torch.Tensor) else dense_rows(t, rows) for t in tensors)
+
+
+def dense_rows(x: Any, rows: Any = slice(None)) -> torch.Tensor:
+    """Rows of a dense or scipy sparse matrix as a dense float32 CPU tensor (only those rows densified)."""
+    part = x[rows]
+    if hasattr(part, "toarray"):
+        part = part.toarray()
+    return torch.as_tensor(np.asarray(part, dtype=np.float32))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -9,11 +9,12 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
 from virtualcell import train
-from virtualcell.train import BadInputError, atomic_torch_save, resolve_device
+from virtualcell.train import BadInputError, atomic_torch_save, dense_rows, resolve_device
 
 # Keys of a saved model file. Everything in it is a tensor or a JSON-able
 # value, so it loads with torch.load(..., weights_only=True).
@@ -26,18 +27,29 @@ KEY_EXTRA = "extra"
 KEY_HISTORY = "history"
 
 
-def as_float_array(x: Any, *, name: str, n_cols: int | None = None) -> np.ndarray:
-    """Return ``x`` as a finite 2-D float32 array, or raise a one-line ValueError."""
-    if hasattr(x, "toarray"):  # scipy sparse: the models need dense rows anyway
-        x = x.toarray()
-    x = np.asarray(x, dtype=np.float32)
+def as_float_array(x: Any, *, name: str, n_cols: int | None = None, sparse: bool = False):
+    """Return ``x`` as a finite 2-D float32 array, or raise a one-line ValueError.
+
+    With ``sparse=True`` a scipy sparse matrix stays sparse (as CSR, whose rows slice
+    cheaply): a cells x genes count matrix is only ever densified a minibatch of rows at
+    a time. Otherwise sparse input is densified (small inputs: latents, proteins).
+    """
+    if sp.issparse(x):
+        if sparse:
+            x = sp.csr_matrix(x, dtype=np.float32)
+            values = x.data
+        else:
+            x = x.toarray()
+    if not sp.issparse(x):
+        x = np.asarray(x, dtype=np.float32)
+        values = x
     if x.ndim != 2:
         raise BadInputError(f"{name} must be a 2-D array (cells x features); got shape {x.shape}")
     if n_cols is not None and x.shape[1] != n_cols:
         raise BadInputError(f"{name} has {x.shape[1]} columns but the model was built for {n_cols}")
-    if len(x) == 0:
+    if x.shape[0] == 0:
         raise BadInputError(f"{name} has no rows")
-    if not np.isfinite(x).all():
+    if not np.isfinite(values).all():
         raise BadInputError(f"{name} contains NaN or infinite values; remove or impute them first")
     return x
 
@@ -50,8 +62,8 @@ def apply_in_batches(
         raise BadInputError(f"batch_size must be >= 1; got {batch_size}")
     with torch.no_grad():
         out = [
-            fn(torch.as_tensor(x[i : i + batch_size], device=device)).float().cpu().numpy()
-            for i in range(0, len(x), batch_size)
+            fn(dense_rows(x, slice(i, i + batch_size)).to(device)).float().cpu().numpy()
+            for i in range(0, x.shape[0], batch_size)
         ]
     return np.concatenate(out)
 

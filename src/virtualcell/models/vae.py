@@ -12,13 +12,14 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from virtualcell import train
-from virtualcell.train import BadInputError
 from virtualcell.models._base import BaseModel, apply_in_batches, as_float_array
+from virtualcell.train import BadInputError, dense_rows
 
 __all__ = ["nb_log_prob", "NBVAE", "CountEncoder"]
 
@@ -180,9 +181,10 @@ class CountEncoder(BaseModel):
     def n_features(self) -> int:
         return sum(self.init_kwargs["n_inputs"])
 
-    def _counts(self, x, name: str) -> np.ndarray:
-        x = as_float_array(x, name=name, n_cols=self.n_features)
-        if (x < 0).any():
+    def _counts(self, x, name: str):
+        """Counts as given: a dense array, or a scipy sparse matrix kept sparse (CSR)."""
+        x = as_float_array(x, name=name, n_cols=self.n_features, sparse=True)
+        if ((x.data if sp.issparse(x) else x) < 0).any():
             raise BadInputError(f"{name} contains negative values; the encoder needs raw counts, not normalised data")
         return x
 
@@ -205,7 +207,8 @@ class CountEncoder(BaseModel):
         Parameters
         ----------
         x
-            Counts, cells x features (the blocks concatenated), dense.
+            Counts, cells x features (the blocks concatenated): dense, or scipy sparse (kept
+            sparse; each minibatch's rows are densified as it is drawn).
         x_val
             Held-out cells; their loss terms are reported as ``val_loss``,
             ``val_nll``, ``val_kl``.
@@ -221,22 +224,24 @@ class CountEncoder(BaseModel):
         x_val = None if x_val is None else self._counts(x_val, "x_val")
         self._prepare_fit(seed)
         dev = train.resolve_device(device)
-        data = torch.as_tensor(x, device=dev)
+        # Dense counts go to the device whole; sparse ones stay on the host and each minibatch's
+        # rows are densified on their way (a 100,000 x 2,000 matrix would be 800 MB dense).
+        data = x if sp.issparse(x) else torch.as_tensor(x, device=dev)
 
         def batches(epoch: int, generator: torch.Generator):
             return train.minibatches(data, batch_size=batch_size, generator=generator)
 
         val_fn = None
         if x_val is not None:
-            val_data = torch.as_tensor(x_val, device=dev)
 
             def val_fn(module: NBVAE) -> dict[str, float]:
                 sums: dict[str, float] = {}
-                for i in range(0, len(val_data), batch_size):
-                    chunk = val_data[i : i + batch_size]
+                n_val = x_val.shape[0]
+                for i in range(0, n_val, batch_size):
+                    chunk = dense_rows(x_val, slice(i, i + batch_size)).to(dev)
                     for key, value in module.loss(chunk).items():
                         sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
-                return {key: total / len(val_data) for key, total in sums.items()}
+                return {key: total / n_val for key, total in sums.items()}
 
         return self._train(
             batches,
