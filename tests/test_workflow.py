@@ -275,3 +275,43 @@ def test_a_synthetic_section_aligns_spot_expression_with_the_tissue_under_it(tmp
     assert foscttm["model"] < 0.2 < foscttm["random"]
     assert foscttm["model"] < foscttm["cca"]
     assert "simulation" not in metrics  # spots carry no time
+
+
+def test_an_own_h5ad_of_5000_cells_in_one_batch_runs_through_every_stage(tmp_path):
+    """A user's own time course as an .h5ad (raw counts, one batch, 6 time points, RNA only) at the
+    size where scanpy's scrublet used to crash (issue 10: approximate neighbours above ~4,100 cells
+    in a batch, a csr_array scanpy could not read): every stage runs, the simulator included."""
+    from virtualcell.synthetic import generate
+
+    rna = generate(n_cells=5200, n_genes=600, n_proteins=4, n_spots=16, seed=1)["rna"]
+    own = ad.AnnData(X=rna.X, obs=pd.DataFrame({"day": rna.obs["time"].to_numpy()}, index=rna.obs_names),
+                     var=pd.DataFrame(index=rna.var_names))
+    own.write_h5ad(tmp_path / "own.h5ad")
+    config = _override(tmp_path, f"""datasets:
+  own:
+    source: h5ad
+    path: {tmp_path / 'own.h5ad'}
+    modalities: [rna]
+    time_key: day
+    holdouts: [2]
+qc:
+  n_top_genes: 300
+embed: {{n_hidden: 32, epochs: 4, batch_size: 256}}
+simulate: {{n_hidden: 32, epochs: 10, batch_size: 128, n_steps: 20}}
+evaluate: {{max_points: 300, n_steps: 20}}
+mlflow:
+  experiment: own-5000
+""")
+    run_config(tmp_path, config)
+    results = tmp_path / "results" / "own"
+    qc = json.loads((results / "qc" / "qc.json").read_text())
+    doublets = qc["modalities"]["rna"]["doublets"]
+    assert doublets["detected"] and doublets["scored"] > 4500  # one batch, every kept cell scored
+    assert qc["cells_out"] > 4500 and qc["highly_variable_genes"] == 300
+    metrics = json.loads((results / "evaluate" / "metrics.json").read_text())
+    assert set(metrics["simulation"]["holdouts"]) == {"2"}
+    assert job_rules(tmp_path, "own-5000") == [
+        "embed", "evaluate", "ingest", "pair", "qc", "report", "simulate", "simulate", "workflow"]
+    # Snakemake's own benchmark record of each job: wall time and peak memory
+    bench = pd.read_csv(tmp_path / "benchmarks" / "own" / "qc.tsv", sep="\t")
+    assert bench["s"].iloc[0] > 0 and bench["max_rss"].iloc[0] > 0

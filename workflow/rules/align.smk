@@ -18,6 +18,8 @@ rule align:
         "../../envs/train.yaml"
     log:
         f"{LOGS}/{{dataset}}/align.log",
+    benchmark:
+        f"{BENCHMARKS}/{{dataset}}/align.tsv",
     threads: res("align", "threads", 1)
     resources:
         mem_mb=res("align", "mem_mb", 8000),

@@ -18,6 +18,8 @@ except InputError as exc:
 
 RESULTS = "results"
 LOGS = "logs"
+# Snakemake's own per-job record of wall time and peak memory (s, max_rss in MB): one TSV per job.
+BENCHMARKS = "benchmarks"
 
 wildcard_constraints:
     dataset="[A-Za-z0-9_-]+",

@@ -18,6 +18,8 @@ rule embed:
         "../../envs/train.yaml"
     log:
         f"{LOGS}/{{dataset}}/embed.log",
+    benchmark:
+        f"{BENCHMARKS}/{{dataset}}/embed.tsv",
     threads: res("embed", "threads", 1)
     resources:
         mem_mb=res("embed", "mem_mb", 8000),

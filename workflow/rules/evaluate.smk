@@ -17,6 +17,8 @@ rule evaluate:
         "../../envs/evaluate.yaml"
     log:
         f"{LOGS}/{{dataset}}/evaluate.log",
+    benchmark:
+        f"{BENCHMARKS}/{{dataset}}/evaluate.tsv",
     threads: res("evaluate", "threads", 1)
     resources:
         mem_mb=res("evaluate", "mem_mb", 8000),

@@ -9,6 +9,8 @@ rule ingest:
         "../../envs/data.yaml"
     log:
         f"{LOGS}/{{dataset}}/ingest.log",
+    benchmark:
+        f"{BENCHMARKS}/{{dataset}}/ingest.tsv",
     threads: res("ingest", "threads", 1)
     resources:
         mem_mb=res("ingest", "mem_mb", 4000),

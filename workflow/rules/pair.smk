@@ -10,6 +10,8 @@ rule pair:
         "../../envs/data.yaml"
     log:
         f"{LOGS}/{{dataset}}/pair.log",
+    benchmark:
+        f"{BENCHMARKS}/{{dataset}}/pair.tsv",
     threads: res("pair", "threads", 1)
     resources:
         mem_mb=res("pair", "mem_mb", 4000),

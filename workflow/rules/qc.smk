@@ -17,6 +17,8 @@ rule qc:
         "../../envs/data.yaml"
     log:
         f"{LOGS}/{{dataset}}/qc.log",
+    benchmark:
+        f"{BENCHMARKS}/{{dataset}}/qc.tsv",
     threads: res("qc", "threads", 1)
     resources:
         mem_mb=res("qc", "mem_mb", 4000),

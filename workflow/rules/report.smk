@@ -17,6 +17,8 @@ rule report:
         "../../envs/evaluate.yaml"
     log:
         f"{LOGS}/{{dataset}}/report.log",
+    benchmark:
+        f"{BENCHMARKS}/{{dataset}}/report.tsv",
     threads: res("report", "threads", 1)
     resources:
         mem_mb=res("report", "mem_mb", 4000),

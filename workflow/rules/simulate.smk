@@ -17,6 +17,8 @@ rule simulate:
         "../../envs/train.yaml"
     log:
         f"{LOGS}/{{dataset}}/simulate/{{holdout}}.log",
+    benchmark:
+        f"{BENCHMARKS}/{{dataset}}/simulate/{{holdout}}.tsv",
     threads: res("simulate", "threads", 1)
     resources:
         mem_mb=res("simulate", "mem_mb", 8000),
