@@ -432,7 +432,7 @@ def test_config_errors_stop_the_workflow_before_any_job(name, tmp_path):
 
 
 @pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
-def test_an_unreachable_tracking_server_stops_the_workflow_within_10_s(dry_run, tmp_path):
+def test_an_unreachable_tracking_server_stops_the_workflow_before_any_job_starts(dry_run, tmp_path):
     uri = f"http://127.0.0.1:{_free_port()}"
     done, seconds = _snakemake(tmp_path, f"mlflow:\n  tracking_uri: {uri}\n", *(["-n"] if dry_run else []))
     assert done.returncode != 0
@@ -443,7 +443,7 @@ def test_an_unreachable_tracking_server_stops_the_workflow_within_10_s(dry_run, 
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
 
 
-def test_a_silent_tracking_server_stops_the_workflow_within_10_s(tmp_path):
+def test_a_silent_tracking_server_stops_the_workflow_before_any_job_starts(tmp_path):
     with _silent_server() as uri:
         done, seconds = _snakemake(tmp_path, f"mlflow:\n  tracking_uri: {uri}\n")
     assert done.returncode != 0
