@@ -65,3 +65,71 @@ def test_max_points_subsamples_each_cloud():
     assert ev.distribution_distances(x, x, max_points=None)["w1"] == pytest.approx(0.0, abs=1e-9)
     # two independent subsamples of 50 from the same cloud are different point sets
     assert ev.distribution_distances(x, x, max_points=50)["w1"] > 0.05
+
+
+def test_energy_distance_is_zero_for_equal_clouds_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3))
+    assert ev.energy_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+    near, far = ev.energy_distance(x, x + 0.5), ev.energy_distance(x, x + 3.0)
+    assert 0 < near < far
+    # Far apart, E|X-Y| is about the shift length: the distance is about 2 * 50 - 2 E|X-X'|.
+    spread = np.mean(ot.dist(x, x, metric="euclidean"))
+    assert ev.energy_distance(x, x + [50.0, 0, 0]) == pytest.approx(100 - 2 * spread, rel=0.01)
+
+
+def test_ot_extrapolation_continues_a_translation():
+    rng = np.random.default_rng(2)
+    x0 = rng.normal(size=(80, 2))
+    x1 = x0 + np.array([1.0, 0.0])
+    x2 = ev.ot_extrapolate(x0, x1, 1.0, n=80, seed=0)
+    assert ev.wasserstein(x2, x0 + np.array([2.0, 0.0])) < 1e-6
+
+
+def test_reference_space_is_whitened_and_measures_fresh_counts_as_qc_does():
+    from virtualcell import reference
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(rng.gamma(2.0, 3.0, size=(300, 40))).astype(float)
+    genes = [f"g{i}" for i in range(40)]
+    logx = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
+    ref = reference.fit(logx[:, :30], genes[:30], target_sum=1e4)
+    z = reference.project(logx[:, :30], ref)
+    assert z.shape == (300, 5)
+    assert np.allclose(z.mean(0), 0, atol=1e-8) and np.allclose(z.std(0, ddof=1), 1.0, rtol=1e-6)
+    # Raw counts of all kept genes -> normalised over all of them -> the reference genes: as QC did.
+    again = reference.project(reference.log_normalise(counts, all_genes=genes, ref=ref), ref)
+    assert np.allclose(again, z)
+    stored = reference.from_uns(reference.to_uns(ref))
+    assert np.allclose(reference.project(logx[:, :30], stored), z)
+    with pytest.raises(ValueError, match="genes"):
+        reference.project(logx, ref)
+
+
+def test_gap_closed_and_fate_scores():
+    from virtualcell import timecourse as tc
+
+    assert tc.gap_closed({"w1_pca5": {"model": 0.6, "ot_interp": 0.8, "oracle": 0.4}}) == pytest.approx(0.5)
+    assert tc.gap_closed({"w1_pca5": {"model": 0.9, "ot_interp": 0.8, "oracle": 0.4}}) < 0
+    assert tc.gap_closed({"w1_pca5": {"model": 0.6, "ot_interp": 0.8}}) is None
+    rng = np.random.default_rng(0)
+    truth = rng.dirichlet([0.3, 0.3], size=400)
+    realised = np.where(rng.random(400) < truth[:, 0], "a", "b")
+    perfect = tc.fate_scores(truth, truth, realised, ["a", "b"])
+    assert perfect["pearson_r"] == pytest.approx(1.0) and perfect["calibration_error"] == pytest.approx(0.0)
+    assert perfect["auroc_committed"] > 0.9
+    flat = tc.fate_scores(np.full_like(truth, 0.5) + rng.normal(0, 0.01, truth.shape), truth, realised, ["a", "b"])
+    # Uninformative but calibrated (the average is right) vs confidently wrong.
+    assert abs(flat["pearson_r"]) < 0.2 and flat["calibration_error"] < 0.05
+    wrong = tc.fate_scores(1.0 - truth, truth, realised, ["a", "b"])
+    assert wrong["pearson_r"] < -0.9 and wrong["calibration_error"] > 0.3 and wrong["auroc_committed"] < 0.1
+
+
+def test_mean_and_std_over_seeds_of_nested_scores():
+    from virtualcell import timecourse as tc
+
+    runs = [{"w1_pca5": {"model": 1.0, "ot_interp": 2.0, "oracle": 0.0}},
+            {"w1_pca5": {"model": 3.0, "ot_interp": 2.0, "oracle": 0.0}}]
+    out = tc.summarise(runs)
+    assert out["w1_pca5"]["model"] == 2.0 and out["std"]["w1_pca5"]["model"] == 1.0
+    assert out["gap_closed"] == pytest.approx(0.0) and out["std"]["gap_closed"] == pytest.approx(0.5)

@@ -412,3 +412,55 @@ def test_h5mu_round_trip_keeps_everything(tiny, tmp_path):
     np.testing.assert_array_equal(
         params["landscape"]["well_centres"], tiny.uns[syn.PARAMS_KEY]["landscape"]["well_centres"]
     )
+
+
+# --------------------------------------------------------------------------- truth for scoring
+
+
+def test_oracle_cells_are_measured_like_the_dataset_and_differ_from_it(tiny):
+    params = tiny.uns[syn.PARAMS_KEY]
+    rna = tiny["rna"]
+    counts, genes = syn.sample_cells(params, time=2.0, n=40, seed=0)
+    assert counts.shape == (40, rna.n_vars) and genes == list(rna.var_names)
+    assert np.allclose(counts.data, np.round(counts.data)) and counts.min() >= 0
+    # Same genes and depth (healthy cells only, so a little deeper than the data's median).
+    healthy = ~rna.obs[syn.LOW_QUALITY_KEY].to_numpy()
+    depth_data = np.median(np.asarray(rna.X[healthy].sum(axis=1)).ravel())
+    depth_oracle = np.median(np.asarray(counts.sum(axis=1)).ravel())
+    assert 0.7 < depth_oracle / depth_data < 1.4
+    again, _ = syn.sample_cells(params, time=2.0, n=40, seed=0)
+    other, _ = syn.sample_cells(params, time=2.0, n=40, seed=1)
+    assert (again != counts).nnz == 0 and (other != counts).nnz > 0
+
+
+def test_oracle_follows_the_true_process_in_time(tiny):
+    # Marker genes of the fate wells are off at t=0 and on for many cells late: the oracle's cells
+    # at a late time look like the data's late cells, not like its early ones.
+    params = tiny.uns[syn.PARAMS_KEY]
+    rna = tiny["rna"]
+    t = rna.obs["time"].to_numpy()
+    late_time = t.max()
+    late, _ = syn.sample_cells(params, time=late_time, n=int((t == late_time).sum()), seed=3)
+
+    def profile(x):
+        x = np.asarray(x.todense(), dtype=float)
+        return np.log1p(x / x.sum(1, keepdims=True) * 1e4).mean(0)
+
+    oracle = profile(late)
+    assert np.abs(oracle - profile(rna.X[t == late_time])).mean() < np.abs(oracle - profile(rna.X[t == 0])).mean()
+
+
+def test_fate_probabilities_are_distributions_and_match_realised_fates():
+    rng = np.random.default_rng(0)
+    minima = syn.WELL_MINIMA
+    # Cells sitting in a fate well at t=4 stay there; a progenitor at t=0 can go either way.
+    latent = np.vstack([minima[1] + 0.05 * rng.normal(size=(5, 2)), minima[2] + 0.05 * rng.normal(size=(5, 2)),
+                        minima[0][None].repeat(5, 0)])
+    times = np.array([4.0] * 10 + [0.0] * 5)
+    p = syn.fate_probabilities(latent, times, t_end=5.0, n_rollouts=60, seed=0)
+    assert p.shape == (15, 3) and np.allclose(p.sum(1), 1.0)
+    fate_a, fate_b = syn.BASINS.index("fate_A"), syn.BASINS.index("fate_B")
+    assert (p[:5, fate_a] > 0.9).all() and (p[5:10, fate_b] > 0.9).all()
+    assert (p[10:, fate_a] > 0.15).all() and (p[10:, fate_b] > 0.15).all()
+    with pytest.raises(ValueError, match="after t_end"):
+        syn.fate_probabilities(latent, times + 2, t_end=5.0)

@@ -1,4 +1,4 @@
-"""Metrics and baselines: held-out time points (W1, W2, MMD) and cross-modal retrieval.
+"""Metrics and baselines: held-out time points (W1, W2, MMD, energy) and cross-modal retrieval.
 
 Distances between point clouds use POT's exact optimal transport. Every
 model number is reported beside simple baselines computed in the same run,
@@ -45,14 +45,29 @@ def mmd_rbf(x: np.ndarray, y: np.ndarray, *, gammas: tuple[float, ...] | None = 
     return float(total)
 
 
+def energy_distance(x: np.ndarray, y: np.ndarray, *, max_points: int | None = 2000, seed: int = 0) -> float:
+    """Szekely's energy distance with Euclidean distances: 2 E|X-Y| - E|X-X'| - E|Y-Y'| (V-statistic).
+
+    Zero only for equal distributions. (With *squared* distances, the variant some perturbation
+    benchmarks use, it reduces to twice the squared distance of the means.)
+    """
+    rng = np.random.default_rng(seed)
+    x, y = _subsample(np.asarray(x, float), max_points, rng), _subsample(np.asarray(y, float), max_points, rng)
+    dxy, dxx, dyy = (ot.dist(a, b, metric="euclidean").mean() for a, b in ((x, y), (x, x), (y, y)))
+    return float(2 * dxy - dxx - dyy)
+
+
 def distribution_distances(pred: np.ndarray, true: np.ndarray, *, max_points: int | None = 2000,
-                           seed: int = 0) -> dict[str, float]:
-    """W1, W2 and MMD between two point clouds, each subsampled to at most ``max_points``."""
-    return {
+                           seed: int = 0, energy: bool = False) -> dict[str, float]:
+    """W1, W2 and MMD (and the energy distance) between two point clouds, each at most ``max_points``."""
+    out = {
         "w1": wasserstein(pred, true, p=1, max_points=max_points, seed=seed),
         "w2": wasserstein(pred, true, p=2, max_points=max_points, seed=seed),
         "mmd": mmd_rbf(pred, true, max_points=max_points, seed=seed),
     }
+    if energy:
+        out["edist"] = energy_distance(pred, true, max_points=max_points, seed=seed)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -72,6 +87,16 @@ def ot_interpolate(x0: np.ndarray, x1: np.ndarray, alpha: float, *, n: int | Non
     return _interpolate_from_plan(x0, x1, plan, alpha, n or max(len(x0), len(x1)), rng)
 
 
+def ot_extrapolate(x0: np.ndarray, x1: np.ndarray, beta: float, *, n: int | None = None,
+                   max_points: int | None = 2000, seed: int = 0) -> np.ndarray:
+    """Continue the OT-paired displacement from ``x0`` to ``x1`` by ``beta`` of it: ``x1 + beta (x1 - x0)``.
+
+    The extrapolation baseline for a time point after the last observed one (beta = the new
+    interval over the previous one).
+    """
+    return ot_interpolate(x0, x1, 1.0 + beta, n=n, max_points=max_points, seed=seed)
+
+
 def random_coupling_interpolate(x0: np.ndarray, x1: np.ndarray, alpha: float, *, n: int | None = None,
                                 max_points: int | None = 2000, seed: int = 0) -> np.ndarray:
     """Interpolation along random pairs: what the OT coupling buys is measured against this."""
@@ -89,12 +114,14 @@ def _interpolate_from_plan(x0, x1, plan, alpha, n, rng):
     return (1 - alpha) * x0[i] + alpha * x1[j]
 
 
-def noise_floor(x: np.ndarray, *, max_points: int | None = 2000, seed: int = 0) -> dict[str, float]:
-    """Distances between two random halves of the same time point: the best any model can do."""
+def noise_floor(x: np.ndarray, *, max_points: int | None = 2000, seed: int = 0,
+                energy: bool = False) -> dict[str, float]:
+    """Distances between two random halves of the same time point (half the size: above the oracle's)."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     half = len(x) // 2
-    return distribution_distances(x[order[:half]], x[order[half : 2 * half]], max_points=max_points, seed=seed)
+    return distribution_distances(x[order[:half]], x[order[half : 2 * half]], max_points=max_points, seed=seed,
+                                  energy=energy)
 
 
 # ---------------------------------------------------------------------------

@@ -425,6 +425,8 @@ def _finish_expression(adata: ad.AnnData, chain: FilterChain, *, name: str, min_
         sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top_genes, layer=COUNTS_LAYER)
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)
+    # Recorded so that cells measured elsewhere (the generator's oracle, decoded cells) are normalised alike.
+    adata.uns["normalize_total"] = {"target_sum": float(target_sum)}
     return {
         "cells_in": len(chain.keep),
         "cells_out": int(adata.n_obs),

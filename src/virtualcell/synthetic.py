@@ -72,7 +72,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import anndata as ad
 import mudata as md
@@ -454,6 +455,38 @@ def _negative_binomial(mean: np.ndarray, theta: np.ndarray | float, *, rng: np.r
     return rng.poisson(rng.gamma(theta, mean / theta))
 
 
+def _measure_rna(genes: _GeneModel, latent: np.ndarray, *, rng: np.random.Generator):
+    """RNA counts of cells in latent states: depth, batch, damage and NB sampling, in one random stream.
+
+    Returns CSR counts (float32), the NB means, the ``low_quality`` flags and the batch-b1 indicator.
+    """
+    n_cells = len(latent)
+    n_low = max(1, round(LOW_QUALITY_FRACTION * n_cells))
+    low_quality = np.zeros(n_cells, dtype=bool)
+    low_quality[rng.choice(n_cells, size=n_low, replace=False)] = True
+    in_b1 = rng.integers(0, 2, n_cells).astype(np.float64)
+    library = MEDIAN_LIBRARY_SIZE * np.exp(rng.normal(0.0, LIBRARY_SIZE_SD, n_cells))
+    library *= np.where(in_b1 == 1, BATCH_DEPTH, 1.0) * np.where(low_quality, LOW_QUALITY_DEPTH, 1.0)
+    mt_fraction = np.where(
+        low_quality,
+        rng.uniform(*LOW_QUALITY_MT_RANGE, n_cells),
+        np.minimum(MT_FRACTION * np.exp(rng.normal(0.0, 0.35, n_cells)), 0.15),
+    )
+    # Cells in blocks: at 100,000 cells x 2,000 genes the whole dense draw held ~7.8 GB at once. Up to
+    # one block (the default and test sizes) the random stream, and so the data, is as it always was.
+    rates = np.empty((n_cells, len(genes.names)))
+    blocks = []
+    for start in range(0, n_cells, CELL_BLOCK):
+        rows = slice(start, start + CELL_BLOCK)
+        rates[rows] = genes.rates(latent[rows], library_size=library[rows], mt_fraction=mt_fraction[rows],
+                                  in_batch_b1=in_b1[rows])
+        blocks.append(sp.csr_matrix(_negative_binomial(rates[rows], genes.dispersion, rng=rng)
+                                    .astype(np.float32)))
+    rna_counts = sp.vstack(blocks, format="csr")
+    del blocks
+    return rna_counts, rates, low_quality, in_b1
+
+
 def _protein_targets(genes: _GeneModel, rates: np.ndarray, n_proteins: int) -> np.ndarray:
     """Pick the genes proteins are tied to: those whose counts best reflect their rate.
 
@@ -753,29 +786,7 @@ def generate(
     basin = basin_of(snaps.latent)
     fate = basin_of(snaps.final)
 
-    n_low = max(1, round(LOW_QUALITY_FRACTION * n_cells))
-    low_quality = np.zeros(n_cells, dtype=bool)
-    low_quality[rng_rna.choice(n_cells, size=n_low, replace=False)] = True
-    in_b1 = rng_rna.integers(0, 2, n_cells).astype(np.float64)
-    library = MEDIAN_LIBRARY_SIZE * np.exp(rng_rna.normal(0.0, LIBRARY_SIZE_SD, n_cells))
-    library *= np.where(in_b1 == 1, BATCH_DEPTH, 1.0) * np.where(low_quality, LOW_QUALITY_DEPTH, 1.0)
-    mt_fraction = np.where(
-        low_quality,
-        rng_rna.uniform(*LOW_QUALITY_MT_RANGE, n_cells),
-        np.minimum(MT_FRACTION * np.exp(rng_rna.normal(0.0, 0.35, n_cells)), 0.15),
-    )
-    # Cells in blocks: at 100,000 cells x 2,000 genes the whole dense draw held ~7.8 GB at once. Up to
-    # one block (the default and test sizes) the random stream, and so the data, is as it always was.
-    rates = np.empty((n_cells, n_genes))
-    blocks = []
-    for start in range(0, n_cells, CELL_BLOCK):
-        rows = slice(start, start + CELL_BLOCK)
-        rates[rows] = genes.rates(snaps.latent[rows], library_size=library[rows], mt_fraction=mt_fraction[rows],
-                                  in_batch_b1=in_b1[rows])
-        blocks.append(sp.csr_matrix(_negative_binomial(rates[rows], genes.dispersion, rng=rng_rna)
-                                    .astype(np.float32)))
-    rna_counts = sp.vstack(blocks, format="csr")
-    del blocks
+    rna_counts, rates, low_quality, in_b1 = _measure_rna(genes, snaps.latent, rng=rng_rna)
 
     targets = _protein_targets(genes, rates, n_proteins)
     target_rates = rates[:, targets]
@@ -860,3 +871,80 @@ def generate(
         seed=seed, n_cells=n_cells, n_genes=n_genes, n_proteins=n_proteins, time_points=tp, n_spots=n_spots
     )
     return mdata
+
+
+# --------------------------------------------------------------------------- truth for scoring
+
+
+def sample_cells(params: Mapping[str, Any], *, time: float, n: int, seed: int) -> tuple[sp.csr_matrix, list[str]]:
+    """A fresh sample of the true process at ``time``, measured as the dataset was: the oracle.
+
+    The genes (and so the measurement) are those of the dataset whose generator parameters are
+    ``params`` (``mdata.uns["synthetic"]``); the cells are new: paths from ``t = 0`` under the
+    true SDE, then depth, batch and NB sampling as :func:`generate` does. Damaged
+    (``low_quality``) cells are left out, as QC removes them.
+
+    Parameters
+    ----------
+    params
+        The generator parameters of the dataset.
+    time
+        Observation time.
+    n
+        Healthy cells to return.
+    seed
+        Seed of the fresh cells (any seed gives cells independent of the dataset's).
+
+    Returns
+    -------
+    Raw counts (CSR, float32, ``n`` x genes) and the gene names.
+    """
+    rng_genes = np.random.default_rng(int(params["seed"])).spawn(5)[0]
+    genes = _gene_model(int(params["n_genes"]), rng=rng_genes)
+    rng = np.random.default_rng([int(params["seed"]), 7919, int(seed)])
+    # A few more than n, so n remain after the damaged ones are dropped.
+    n_draw = int(np.ceil(n / (1.0 - LOW_QUALITY_FRACTION))) + 2
+    start = WELL_MINIMA[0] + INITIAL_SPREAD * rng.standard_normal((n_draw, 2))
+    latent = simulate_paths(start, t_start=0.0, t_end=float(time), rng=rng)
+    counts, _, low_quality, _ = _measure_rna(genes, latent, rng=rng)
+    keep = np.flatnonzero(~low_quality)[:n]
+    return counts[keep], [str(g) for g in genes.names]
+
+
+def fate_probabilities(latent: np.ndarray, times: np.ndarray, *, t_end: float, n_rollouts: int = 100,
+                       seed: int = 0) -> np.ndarray:
+    """Each cell's true fate probabilities: many rollouts of the true SDE from its latent state to ``t_end``.
+
+    Parameters
+    ----------
+    latent
+        True latent states (``obsm["truth_latent"]``), shape ``(n, 2)``.
+    times
+        Each cell's observation time, shape ``(n,)``, none after ``t_end``.
+    t_end
+        The time at which the fate is read (the basin the path is in, as ``obs["fate"]`` is).
+    n_rollouts
+        Paths per cell.
+    seed
+        Seed of the Brownian increments.
+
+    Returns
+    -------
+    Fractions of rollouts ending in each of :data:`BASINS`, shape ``(n, 3)``, rows sum to 1.
+    """
+    latent = np.asarray(latent, dtype=np.float64).reshape(-1, 2)
+    times = np.asarray(times, dtype=np.float64).reshape(-1)
+    if len(times) != len(latent):
+        raise ValueError(f"{len(times)} times for {len(latent)} cells")
+    if np.any(times > t_end):
+        raise ValueError(f"cells observed after t_end={t_end}")
+    rng = np.random.default_rng(seed)
+    out = np.zeros((len(latent), len(BASINS)))
+    for t in np.unique(times):
+        cells = np.flatnonzero(times == t)
+        start = np.repeat(latent[cells], n_rollouts, axis=0)
+        end = simulate_paths(start, t_start=float(t), t_end=float(t_end), rng=rng)
+        basin = basin_of(end).reshape(len(cells), n_rollouts)
+        for k, name in enumerate(BASINS):
+            out[cells, k] = (basin == name).mean(axis=1)
+    return out
