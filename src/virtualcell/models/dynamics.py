@@ -1,78 +1,68 @@
 """The simulator: cell-state dynamics in an embedding space, learned from snapshots.
 
-Cells are observed at a few time points (different cells each time). Following
-torchcfm's OT conditional flow matching, cells of consecutive observed time
-points are coupled by an exact minibatch optimal-transport plan, and a velocity
-field v(x, t) is regressed onto the straight-line velocities of sampled pairs.
-Integrating v then moves any cell state forward (or backward) in time.
+Cells are observed at a few time points (different cells each time), so the
+model learns from pairs of cells at consecutive observed times drawn from a
+transport plan between them (:mod:`virtualcell.models.couplings`). Two kinds
+of dynamics are offered:
 
-With ``potential=True`` the velocity is the negative gradient of a learned
-scalar potential, v = -grad_x Phi(x, t): a Waddington landscape in which cells
-roll downhill into fate valleys.
+* **Deterministic** (``stochastic=False``): torchcfm's OT conditional flow
+  matching. Pairs come from the exact minibatch OT plan, and a velocity field
+  v(x, t) is regressed onto their straight-line velocities; integrating the
+  ODE dx/dt = v moves any cell state forward (or backward) in time.
+* **Stochastic** (``stochastic=True``): simulation-free score and flow
+  matching (SF2M; Tong et al., AISTATS 2024, torchcfm's
+  ``SchrodingerBridgeConditionalFlowMatcher``). Pairs come from the entropic
+  OT plan that is the static Schroedinger bridge of Brownian motion with
+  diffusion g; between paired cells the path is a Brownian bridge. The model
+  is the SDE dX = f(X, t) dt + g dW: its drift f and the score
+  s = grad log p_t of its marginals are two networks, and the bridge fixes
+  both the probability-flow velocity v = f - g**2/2 s and the score.
+
+Priors on the drift (both kinds): ``autonomous=True`` drops its time input (a
+time-homogeneous process), ``potential=True`` makes it the negative gradient
+of a learned scalar potential, f = -grad_x Phi(x[, t]): a Waddington landscape
+in which cells roll downhill into fate valleys. Fit options add a kinetic
+energy penalty and unbalanced couplings (cells that grow or die).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
 import numpy as np
-import ot
 import torch
 from torch import nn
 
 from virtualcell import train
-from virtualcell.train import BadInputError
 from virtualcell.models._base import BaseModel, as_float_array
+from virtualcell.models.couplings import entropic_plan, exact_plan, sample_ot_pairs, sample_plan, squared_cost
+from virtualcell.train import BadInputError
 
-__all__ = ["sample_ot_pairs", "conditional_flow", "VelocityField", "Simulator"]
+__all__ = [
+    "sample_ot_pairs",
+    "conditional_flow",
+    "brownian_bridge",
+    "VelocityField",
+    "Dynamics",
+    "Simulator",
+]
+
+# Bridge positions are drawn from [S_MIN, 1 - S_MIN]: the bridge's flow target
+# has a (1 - 2s) / (2 s (1 - s)) factor that is singular at both ends.
+S_MIN = 1e-3
+# Entropic blur of the unbalanced couplings of a deterministic model, as a
+# fraction of the minibatch's mean cost (a stochastic model uses 2 g**2 dt).
+UNBALANCED_REG = 0.05
+# Cells per time point up to which the couplings are solved once on all cells (a 2,000 x 2,000
+# exact plan takes ~1 s and 32 MB); above, per minibatch.
+FULL_PLAN_MAX_CELLS = 2000
 
 
 # --------------------------------------------------------------------------
 # Stateless core
 # --------------------------------------------------------------------------
-
-
-def sample_ot_pairs(
-    x0: torch.Tensor,
-    x1: torch.Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    n_pairs: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample pairs from the exact OT plan between two minibatches.
-
-    The plan couples the rows of ``x0`` and ``x1`` (uniform marginals,
-    squared-Euclidean cost) and is solved exactly with ``ot.emd``; pairs are
-    then drawn from it with replacement, as torchcfm's ``OTPlanSampler`` does.
-
-    Parameters
-    ----------
-    x0, x1
-        Source and target samples, (n0, d) and (n1, d).
-    generator
-        CPU generator for the draw.
-    n_pairs
-        Number of pairs; default ``max(n0, n1)``.
-
-    Returns
-    -------
-    tuple of torch.Tensor
-        Paired rows ``(x0[i], x1[j])``, each (n_pairs, d).
-    """
-    n0, n1 = len(x0), len(x1)
-    n_pairs = max(n0, n1) if n_pairs is None else n_pairs
-    # The plan is computed in float64 on CPU (MPS has no float64): the network
-    # simplex is exact and deterministic, so couplings match across devices.
-    a, b = (x.detach().to("cpu", torch.float64) for x in (x0, x1))
-    cost = torch.cdist(a, b).pow(2).numpy()
-    plan = ot.emd(np.full(n0, 1.0 / n0), np.full(n1, 1.0 / n1), cost, numItermax=1_000_000)
-    plan = torch.from_numpy(plan)
-    # Row from its marginal, then column given the row: the same joint draw as
-    # sampling the flattened plan, without multinomial's 2**24-category limit.
-    i = torch.multinomial(plan.sum(1), n_pairs, replacement=True, generator=generator)
-    j = torch.multinomial(plan[i], 1, generator=generator).squeeze(1)
-    return x0[i.to(x0.device)], x1[j.to(x1.device)]
 
 
 def conditional_flow(
@@ -108,13 +98,59 @@ def conditional_flow(
     return (1.0 - s) * x0 + s * x1 + sigma * noise, x1 - x0
 
 
+def brownian_bridge(
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    s: torch.Tensor,
+    dt: torch.Tensor | float,
+    g: torch.Tensor | float,
+    noise: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Point on the Brownian bridge between paired samples, its flow velocity and its width.
+
+    For Brownian motion of diffusion ``g`` pinned at ``x0`` at time ``t0`` and
+    at ``x1`` at ``t0 + dt``, the state at ``t0 + s dt`` is Gaussian with mean
+    ``mu = (1 - s) x0 + s x1`` and standard deviation
+    ``sigma_s = g sqrt(dt s (1 - s))``, and its probability-flow velocity (per
+    unit of time) is ``(x1 - x0) / dt + (1 - 2s) / (2 s (1 - s) dt) (x_s - mu)``
+    (torchcfm's SB-CFM, Eq. 21 of Tong et al. 2023, with time rescaled by
+    ``dt``). The score of that Gaussian is ``-noise / sigma_s``.
+
+    Parameters
+    ----------
+    x0, x1
+        Paired samples, (n, d).
+    s
+        Bridge positions in (0, 1), (n,) or (n, 1); keep them away from 0 and
+        1 (:data:`S_MIN`), where the velocity's factor is singular.
+    dt
+        Duration of each bridge, scalar or (n,) / (n, 1).
+    g
+        Diffusion (standard deviation per square root of time).
+    noise
+        Standard-normal draws, (n, d).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(x_s, u, sigma_s)``: (n, d), (n, d) and (n, 1).
+    """
+    s = s.reshape(-1, 1)
+    dt = torch.as_tensor(dt, dtype=x0.dtype, device=x0.device).reshape(-1, 1)
+    sigma_s = g * torch.sqrt(dt * s * (1.0 - s))
+    x_s = (1.0 - s) * x0 + s * x1 + sigma_s * noise
+    # (x_s - mu) = sigma_s * noise, written out so that the factor stays finite.
+    u = (x1 - x0) / dt + (1.0 - 2.0 * s) / (2.0 * s * (1.0 - s) * dt) * (sigma_s * noise)
+    return x_s, u, sigma_s
+
+
 # --------------------------------------------------------------------------
-# Module
+# Modules
 # --------------------------------------------------------------------------
 
 
 class VelocityField(nn.Module):
-    """MLP velocity field v(x, t), optionally the negative gradient of a potential.
+    """MLP vector field v(x, t), optionally autonomous or the negative gradient of a potential.
 
     Parameters
     ----------
@@ -124,16 +160,28 @@ class VelocityField(nn.Module):
         Width and number of hidden layers of the MLP.
     potential
         If True the MLP outputs a scalar Phi(x, t) and v = -grad_x Phi.
+    autonomous
+        If True the field does not see time: v(x) (and Phi(x)); ``t`` is
+        accepted and ignored.
     """
 
-    def __init__(self, dim: int, *, n_hidden: int = 128, n_layers: int = 3, potential: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        n_hidden: int = 128,
+        n_layers: int = 3,
+        potential: bool = False,
+        autonomous: bool = False,
+    ) -> None:
         super().__init__()
         if n_layers < 1:
             raise BadInputError(f"n_layers must be >= 1; got {n_layers}")
         self.dim = int(dim)
         self.is_potential = bool(potential)
+        self.is_autonomous = bool(autonomous)
         layers: list[nn.Module] = []
-        n_in = self.dim + 1  # time is one extra input feature
+        n_in = self.dim + (0 if self.is_autonomous else 1)  # time is one extra input feature
         for _ in range(n_layers):
             # SiLU, not ReLU: the potential's gradient must itself be smooth,
             # and a ReLU network's gradient is piecewise constant in x.
@@ -143,6 +191,8 @@ class VelocityField(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def _net_input(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        if self.is_autonomous:
+            return x
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         return torch.cat([x, t.reshape(-1, 1).expand(len(x), 1)], dim=-1)
 
@@ -153,7 +203,7 @@ class VelocityField(nn.Module):
         return self.net(self._net_input(x, t)).squeeze(-1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        """Velocity at states ``x`` (n, dim) and times ``t`` (scalar or (n,))."""
+        """Field at states ``x`` (n, dim) and times ``t`` (scalar or (n,))."""
         if not self.is_potential:
             return self.net(self._net_input(x, t))
         # The graph through the gradient is only kept when the caller is
@@ -201,6 +251,119 @@ class VelocityField(nn.Module):
         return {train.LOSS_KEY: torch.mean((v.float() - u / dt) ** 2)}
 
 
+class Dynamics(nn.Module):
+    """The simulator's networks: a drift and, for an SDE, a score.
+
+    Deterministic: ``drift`` is the ODE velocity v(x, t), trained by OT-CFM.
+    Stochastic: ``drift`` is the SDE drift f(x, t) of dX = f dt + g dW, and
+    ``score`` estimates grad_x log p_t(x) (always time-dependent); the
+    probability-flow velocity is v = f - g**2/2 s. The diffusion ``g`` is a
+    buffer, so it travels with the weights (saved models and checkpoints).
+
+    Parameters
+    ----------
+    dim, n_hidden, n_layers
+        As for :class:`VelocityField` (both networks).
+    potential, autonomous
+        Priors on the drift (:class:`VelocityField`).
+    stochastic
+        Build the score network and the diffusion buffer.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        n_hidden: int = 128,
+        n_layers: int = 3,
+        potential: bool = False,
+        stochastic: bool = False,
+        autonomous: bool = False,
+    ) -> None:
+        super().__init__()
+        self.drift = VelocityField(
+            dim, n_hidden=n_hidden, n_layers=n_layers, potential=potential, autonomous=autonomous
+        )
+        self.score: VelocityField | None = None
+        if stochastic:
+            self.score = VelocityField(dim, n_hidden=n_hidden, n_layers=n_layers)
+            self.register_buffer("diffusion", torch.tensor(1.0))
+        # Weight of the kinetic-energy penalty; a training setting, set by fit.
+        self.kinetic = 0.0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The drift f (the ODE velocity of a deterministic model)."""
+        return self.drift(x, t)
+
+    def flow_velocity(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """Probability-flow velocity ``f - g**2/2 s``; the drift itself for an ODE."""
+        v = self.drift(x, t)
+        if self.score is None:
+            return v
+        return v - 0.5 * self.diffusion**2 * self.score(x, t)
+
+    def loss(
+        self,
+        x0: torch.Tensor,
+        x1: torch.Tensor,
+        t0: torch.Tensor,
+        t1: torch.Tensor,
+        s: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Flow-matching (ODE) or score-and-flow-matching (SDE) loss on paired samples.
+
+        Parameters
+        ----------
+        x0, x1
+            Paired states at times ``t0`` and ``t1`` (n, dim).
+        t0, t1
+            Times of each pair, (n,), with ``t1 > t0``.
+        s
+            Path positions in [0, 1] (ODE) or in (0, 1), clear of the ends
+            (SDE, see :data:`S_MIN`), (n,).
+        noise
+            ODE: the perturbation around the straight path, already scaled by
+            sigma. SDE: standard-normal draws for the Brownian bridge.
+
+        Returns
+        -------
+        dict
+            ``"loss"``, the sum of the terms below. ODE: the flow-matching MSE
+            of :meth:`VelocityField.loss`. SDE: ``"flow"``, the MSE between
+            f - g**2/2 s and the bridge's flow velocity (the score enters
+            detached, so the score is fitted by its own term alone and the
+            drift absorbs what a constrained drift cannot express); ``"score"``,
+            the denoising score-matching loss ``mean |sigma_s s + noise|**2``
+            (torchcfm's lambda_t weighting: its score network outputs
+            g**2/2 s, ours s). With a kinetic weight, ``"kinetic"``: that
+            weight times the mean squared drift per coordinate.
+        """
+        tau = t0 + s.reshape(-1) * (t1 - t0)
+        dt = (t1 - t0).reshape(-1, 1)
+        terms: dict[str, torch.Tensor] = {}
+        if self.score is None:
+            x_s, u = conditional_flow(x0, x1, s, 1.0, noise)
+            f = self.drift(x_s, tau).float()
+            total = torch.mean((f - u / dt) ** 2)
+        else:
+            g = self.diffusion
+            x_s, u, sigma_s = brownian_bridge(x0, x1, s, dt, g, noise)
+            f = self.drift(x_s, tau).float()
+            score = self.score(x_s, tau).float()
+            terms["flow"] = torch.mean((f - 0.5 * g**2 * score.detach() - u) ** 2)
+            terms["score"] = torch.mean((sigma_s * score + noise) ** 2)
+            total = terms["flow"] + terms["score"]
+        if self.kinetic > 0:
+            # Kinetic energy of the drift along the interpolated marginals, as in
+            # TrajectoryNet (Tong et al., ICML 2020) and RNODE (Finlay et al.,
+            # ICML 2020), which integrate |f|^2 along the ODE; here it is
+            # evaluated at the training paths' points instead of a solve.
+            terms["kinetic"] = self.kinetic * torch.mean(f**2)
+            total = total + terms["kinetic"]
+        return {train.LOSS_KEY: total, **terms}
+
+
 # --------------------------------------------------------------------------
 # User-facing model
 # --------------------------------------------------------------------------
@@ -212,30 +375,55 @@ _X_SHIFT, _X_SCALE, _T_SHIFT, _T_SCALE, _TIMES = "x_shift", "x_scale", "t_shift"
 class Simulator(BaseModel):
     """User-facing simulator of cell-state trajectories in an embedding space.
 
-    Internally states are centred and divided by one isotropic scale, and time
-    is mapped to [0, 1] over the observed range; the scaling is saved with the
-    model, and every method takes and returns real units. Isotropic scaling
-    keeps the potential a potential: the real-space velocity is exactly minus
-    the gradient of :meth:`potential`.
+    Internally states are centred and divided by one isotropic scale (state
+    RMS 1), and time is mapped to [0, 1] over the observed range; the scaling
+    is saved with the model, and every method takes and returns real units.
+    Isotropic scaling keeps the potential a potential: the real-space drift is
+    exactly minus the gradient of :meth:`potential`.
 
     Parameters
     ----------
     dim
         Dimension of the state space.
-    **module_kwargs
-        Passed to :class:`VelocityField` (``n_hidden``, ``n_layers``, ``potential``).
+    n_hidden, n_layers
+        Width and number of hidden layers of each network.
+    potential
+        The drift (the velocity of an ODE) is -grad_x of a learned scalar
+        potential, a Waddington landscape.
+    stochastic
+        Learn the SDE dX = f(X, t) dt + g dW by score and flow matching
+        (SF2M) instead of the ODE dx/dt = v(x, t) by OT flow matching.
+    autonomous
+        The drift does not depend on time, f(x): a time-homogeneous process,
+        as a fixed landscape is (an SDE's score always depends on time).
 
     Examples
     --------
-    >>> sim = Simulator(16, potential=True)
-    >>> sim.fit(z, day, epochs=200, seed=0)
-    >>> z_day4 = sim.simulate(z[day == 3], t0=3, t1=4)
+    >>> sim = Simulator(16, stochastic=True, potential=True, autonomous=True)
+    >>> sim.fit(z, day, epochs=200, diffusion=0.5, seed=0)
+    >>> z_day4 = sim.simulate(z[day == 3], t0=3, t1=4, seed=0)
     """
 
-    _module_cls = VelocityField
+    _module_cls = Dynamics
 
-    def __init__(self, dim: int, **module_kwargs) -> None:
-        super().__init__(dim=int(dim), **module_kwargs)
+    def __init__(
+        self,
+        dim: int,
+        *,
+        n_hidden: int = 128,
+        n_layers: int = 3,
+        potential: bool = False,
+        stochastic: bool = False,
+        autonomous: bool = False,
+    ) -> None:
+        super().__init__(
+            dim=int(dim),
+            n_hidden=int(n_hidden),
+            n_layers=int(n_layers),
+            potential=bool(potential),
+            stochastic=bool(stochastic),
+            autonomous=bool(autonomous),
+        )
         self._scaling: dict[str, torch.Tensor] = {}
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
@@ -249,6 +437,22 @@ class Simulator(BaseModel):
         """The distinct time points the model was trained on."""
         self._require_fitted("observed_times")
         return self._scaling[_TIMES].numpy()
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the model is an SDE (``stochastic=True``)."""
+        return bool(self.init_kwargs.get("stochastic", False))
+
+    @property
+    def diffusion(self) -> float | None:
+        """The SDE's diffusion g in standardised units (as given to :meth:`fit`); None for an ODE.
+
+        In real units the noise term is ``g * x_scale / sqrt(t_scale) dW_t``,
+        with ``x_scale`` the RMS of the centred training states and
+        ``t_scale`` the observed time span.
+        """
+        self._require_fitted("diffusion")
+        return float(self.module.diffusion) if self.stochastic else None
 
     # Conversions between real units and the module's standardised units.
     def _to_state(self, x: np.ndarray) -> torch.Tensor:
@@ -272,13 +476,17 @@ class Simulator(BaseModel):
         batch_size: int = 256,
         lr: float = 1e-3,
         sigma: float = 0.1,
+        diffusion: float = 0.5,
+        kinetic: float = 0.0,
+        unbalanced: float | None = None,
+        steps_per_epoch: int | None = None,
         device: str = "auto",
         seed: int = 0,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None,
         checkpoint_path: str | os.PathLike | None = None,
         checkpoint_every: int = 0,
     ) -> list[dict[str, float]]:
-        """Learn the velocity field from time-labelled snapshots.
+        """Learn the dynamics from time-labelled snapshots.
 
         Only consecutive *observed* time points are paired, so a held-out time
         point is simply absent from ``t`` and the model must bridge the gap.
@@ -290,19 +498,53 @@ class Simulator(BaseModel):
         t
             One numeric time label per cell; at least two distinct values.
         epochs
-            Each epoch draws ``ceil(max cells per time point / batch_size)``
-            steps; every step holds one OT-paired minibatch per interval.
+            Each epoch draws ``steps_per_epoch`` steps (default
+            ``ceil(max cells per time point / batch_size)``); every step holds
+            one OT-paired minibatch per interval. Up to
+            :data:`FULL_PLAN_MAX_CELLS` cells per time point the OT plans couple
+            all cells once and steps draw their pairs from them; above, each
+            step solves its own minibatch plan.
         batch_size
-            Cells per time point per OT minibatch.
+            Cells per time point per minibatch.
+        steps_per_epoch
+            Gradient steps per epoch; None = one pass over the largest time point.
         sigma
-            Noise around the straight paths, in standardised state units.
+            Deterministic model: noise around the straight paths, in
+            standardised state units. Ignored by a stochastic model, whose
+            paths are Brownian bridges of diffusion ``diffusion``.
+        diffusion
+            Stochastic model: the diffusion g of dX = f dt + g dW, in
+            standardised units (state RMS 1, observed time span 1; a real
+            noise level ``s`` per square root of real time is
+            ``g = s * sqrt(t_span) / x_rms``). Consecutive time points a
+            standardised time ``dt`` apart are coupled by the entropic OT plan
+            with regularisation ``2 g**2 dt``, the Schroedinger bridge of
+            Brownian motion of diffusion g. Ignored by a deterministic model.
+        kinetic
+            Weight of a kinetic-energy penalty on the drift, ``kinetic *
+            mean |f|**2 / dim`` in standardised units, added to the loss
+            (TrajectoryNet-style path-length regularisation); 0 is off. Flow
+            matching's target is already the least-action (OT) velocity, so
+            this mostly shrinks the drift, by about ``1 / (1 + kinetic)``
+            where the network can fit the target.
+        unbalanced
+            If set, couple time points by unbalanced entropic OT with this
+            marginal relaxation (POT's ``reg_m``, in units of the cost:
+            squared distances in standardised units, about ``2 dim`` between
+            unrelated cells), so cells that grow or die need not be matched;
+            smaller values leave more poorly matched cells out. The entropic
+            regularisation is ``2 g**2 dt`` (stochastic) or
+            ``UNBALANCED_REG`` times the minibatch's mean cost (deterministic).
+            ``None`` (default): balanced plans, exact (deterministic) or
+            entropic (stochastic).
         lr, device, seed, on_epoch, checkpoint_path, checkpoint_every
             See :func:`virtualcell.train.fit`.
 
         Returns
         -------
         list of dict
-            Per-epoch ``loss``.
+            Per-epoch ``loss``; a stochastic model also reports its ``flow``
+            and ``score`` terms, and ``kinetic`` when it is on.
         """
         x = as_float_array(x, name="x", n_cols=self.init_kwargs["dim"])
         t = np.asarray(t, dtype=np.float64).reshape(-1)
@@ -315,8 +557,18 @@ class Simulator(BaseModel):
             raise BadInputError(f"the simulator needs cells at >= 2 distinct time points; got {times.tolist()}")
         if batch_size < 1:
             raise BadInputError(f"batch_size must be >= 1; got {batch_size}")
+        stochastic = self.stochastic
+        if stochastic and not (math.isfinite(diffusion) and diffusion > 0):
+            raise BadInputError(f"diffusion must be a finite number > 0 for a stochastic model; got {diffusion}")
+        if not (math.isfinite(kinetic) and kinetic >= 0):
+            raise BadInputError(f"kinetic must be a finite number >= 0; got {kinetic}")
+        if unbalanced is not None and not (math.isfinite(unbalanced) and unbalanced > 0):
+            raise BadInputError(f"unbalanced must be a finite number > 0 or None; got {unbalanced}")
 
         self._prepare_fit(seed)
+        self.module.kinetic = float(kinetic)
+        if stochastic:
+            self.module.diffusion.fill_(float(diffusion))
         x64 = x.astype(np.float64)
         x_shift = x64.mean(axis=0)
         x_scale = float(np.sqrt(((x64 - x_shift) ** 2).mean())) or 1.0
@@ -333,19 +585,47 @@ class Simulator(BaseModel):
         taus = self._to_time(times).tolist()
         steps = int(np.ceil(max(len(g) for g in groups) / batch_size))
 
+        def plan_of(a: torch.Tensor, b: torch.Tensor, dtau: float) -> torch.Tensor:
+            cost = squared_cost(a, b)
+            if stochastic:
+                return entropic_plan(cost, 2.0 * diffusion**2 * dtau, reg_m=unbalanced)
+            if unbalanced is not None:
+                return entropic_plan(cost, UNBALANCED_REG * float(cost.mean()), reg_m=unbalanced)
+            return exact_plan(cost)
+
+        def couple(a: torch.Tensor, b: torch.Tensor, dtau: float, generator: torch.Generator):
+            i, j = sample_plan(plan_of(a, b, dtau), max(len(a), len(b)), generator=generator)
+            return a[i.to(a.device)], b[j.to(b.device)]
+
+        # Up to FULL_PLAN_MAX_CELLS cells per time point the plans couple *all* cells, once: exact rather
+        # than minibatch OT (no minibatch bias, as TrajectoryNet and MIOFlow couple), and every step then
+        # only draws pairs, so the same time buys many more gradient steps. Above, minibatch plans.
+        full = max(len(g) for g in groups) <= FULL_PLAN_MAX_CELLS
+        plans = [plan_of(groups[k], groups[k + 1], taus[k + 1] - taus[k]) for k in range(len(groups) - 1)] \
+            if full else []
+        steps = steps_per_epoch or steps
+
         def batches(epoch: int, generator: torch.Generator):
             for _ in range(steps):
                 parts = []
                 for k in range(len(groups) - 1):
                     a, b = groups[k], groups[k + 1]
-                    ia = torch.randperm(len(a), generator=generator)[:batch_size].to(dev)
-                    ib = torch.randperm(len(b), generator=generator)[:batch_size].to(dev)
-                    x0, x1 = sample_ot_pairs(a[ia], b[ib], generator=generator)
+                    if full:
+                        i, j = sample_plan(plans[k], min(batch_size, max(len(a), len(b))), generator=generator)
+                        x0, x1 = a[i.to(a.device)], b[j.to(b.device)]
+                    else:
+                        ia = torch.randperm(len(a), generator=generator)[:batch_size].to(dev)
+                        ib = torch.randperm(len(b), generator=generator)[:batch_size].to(dev)
+                        x0, x1 = couple(a[ia], b[ib], taus[k + 1] - taus[k], generator)
                     parts.append((x0, x1, torch.full((len(x0),), taus[k]), torch.full((len(x0),), taus[k + 1])))
                 x0, x1, t0, t1 = (torch.cat(p) for p in zip(*parts))
                 n = len(x0)
                 s = torch.rand(n, generator=generator)
-                noise = sigma * torch.randn(n, x0.shape[1], generator=generator)
+                noise = torch.randn(n, x0.shape[1], generator=generator)
+                if stochastic:
+                    s = S_MIN + (1.0 - 2.0 * S_MIN) * s
+                else:
+                    noise = sigma * noise
                 yield x0, x1, t0.to(dev), t1.to(dev), s.to(dev), noise.to(dev)
 
         return self._train(
@@ -359,11 +639,25 @@ class Simulator(BaseModel):
             checkpoint_every=checkpoint_every,
         )
 
-    def simulate(self, x0: np.ndarray, *, t0: float, t1: float, n_steps: int = 100) -> np.ndarray:
-        """Move cell states from time ``t0`` to ``t1`` along the learned flow.
+    def simulate(
+        self,
+        x0: np.ndarray,
+        *,
+        t0: float,
+        t1: float,
+        n_steps: int = 100,
+        seed: int | None = None,
+        ode: bool = False,
+    ) -> np.ndarray:
+        """Move cell states from time ``t0`` to ``t1`` under the learned dynamics.
 
-        Deterministic midpoint (RK2) integration of dx/dt = v(x, t); ``t1 < t0``
-        integrates backwards, ``t1 == t0`` returns a copy of ``x0``.
+        Deterministic model: midpoint (RK2) integration of dx/dt = v(x, t).
+        Stochastic model: Euler-Maruyama of dX = f dt + g dW (a sample of the
+        process; each cell its own path), or with ``ode=True`` midpoint
+        integration of the probability-flow ODE dx/dt = f - g**2/2 s, which
+        has the same marginals, deterministically. ODEs run backwards for
+        ``t1 < t0``; the SDE only forwards. ``t1 == t0`` returns a copy of
+        ``x0``. Times beyond the observed range extrapolate.
 
         Parameters
         ----------
@@ -373,6 +667,13 @@ class Simulator(BaseModel):
             Start and end times, in the units of the training labels.
         n_steps
             Integration steps.
+        seed
+            Seed of the SDE's noise: the same seed gives the same paths.
+            ``None`` draws from torch's global generator (as ``torch.randn``
+            does). Unused by ODEs.
+        ode
+            Stochastic model: integrate the probability-flow ODE instead of
+            sampling the SDE. Ignored by a deterministic model.
 
         Returns
         -------
@@ -383,6 +684,12 @@ class Simulator(BaseModel):
         x0 = as_float_array(x0, name="x0", n_cols=self.init_kwargs["dim"])
         if n_steps < 1:
             raise BadInputError(f"n_steps must be >= 1; got {n_steps}")
+        sde = self.stochastic and not ode
+        if sde and t1 < t0:
+            raise BadInputError(
+                f"a stochastic model simulates forward in time only (t0={t0}, t1={t1}); "
+                "pass ode=True to run its probability-flow ODE backwards"
+            )
         if t1 == t0:
             return x0.copy()
         self.module.eval()
@@ -390,27 +697,44 @@ class Simulator(BaseModel):
         tau0, tau1 = float(self._to_time(t0)), float(self._to_time(t1))
         h = (tau1 - tau0) / n_steps
         with torch.no_grad():
-            for k in range(n_steps):
-                tau = tau0 + k * h
-                mid = y + 0.5 * h * self.module(y, tau)
-                y = y + h * self.module(mid, tau + 0.5 * h)
+            if sde:
+                # Noise is drawn on the CPU, so a seed gives the same paths on every device.
+                generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+                scale = float(self.module.diffusion) * math.sqrt(h)
+                for k in range(n_steps):
+                    dw = torch.randn(y.shape, generator=generator).to(y.device)
+                    y = y + h * self.module(y, tau0 + k * h) + scale * dw
+            else:
+                field = self.module.flow_velocity
+                for k in range(n_steps):
+                    tau = tau0 + k * h
+                    mid = y + 0.5 * h * field(y, tau)
+                    y = y + h * field(mid, tau + 0.5 * h)
         return self._from_state(y)
 
-    def velocity(self, x: np.ndarray, t: float | np.ndarray) -> np.ndarray:
-        """dx/dt at states ``x`` and time(s) ``t``, in real units."""
+    def velocity(self, x: np.ndarray, t: float | np.ndarray, *, ode: bool = False) -> np.ndarray:
+        """The drift at states ``x`` and time(s) ``t``, in real units.
+
+        Deterministic model: dx/dt = v(x, t). Stochastic model: the SDE drift
+        f(x, t) (the mean velocity of a cell at x), or with ``ode=True`` the
+        probability-flow velocity f - g**2/2 s that :meth:`simulate` follows
+        with ``ode=True``.
+        """
         self._require_fitted("velocity")
         x = as_float_array(x, name="x", n_cols=self.init_kwargs["dim"])
         self.module.eval()
+        field = self.module.flow_velocity if ode else self.module
         with torch.no_grad():
-            v = self.module(self._to_state(x), self._to_time(t))
+            v = field(self._to_state(x), self._to_time(t))
         # dx/dt = (x_scale / t_scale) * dy/dtau
         return (v.cpu().double() * (self._scaling[_X_SCALE] / self._scaling[_T_SCALE])).float().numpy()
 
     def potential(self, x: np.ndarray, t: float | np.ndarray) -> np.ndarray:
         """Landscape height Phi at states ``x`` and time(s) ``t``, shape (cells,).
 
-        Scaled to real units so that :meth:`velocity` equals ``-grad_x`` of it.
-        Only for models built with ``potential=True``.
+        Scaled to real units so that :meth:`velocity` (the drift, for a
+        stochastic model too) equals ``-grad_x`` of it; an autonomous model
+        ignores ``t``. Only for models built with ``potential=True``.
         """
         self._require_fitted("potential")
         if not self.init_kwargs.get("potential", False):
@@ -418,7 +742,7 @@ class Simulator(BaseModel):
         x = as_float_array(x, name="x", n_cols=self.init_kwargs["dim"])
         self.module.eval()
         with torch.no_grad():
-            phi = self.module.potential(self._to_state(x), self._to_time(t))
+            phi = self.module.drift.potential(self._to_state(x), self._to_time(t))
         # With y = (x - m) / s and tau = (t - t_min) / T, dy/dtau = -grad_y phi
         # gives dx/dt = -(s**2 / T) grad_x phi.
         scale = self._scaling[_X_SCALE] ** 2 / self._scaling[_T_SCALE]
