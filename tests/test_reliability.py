@@ -246,7 +246,7 @@ def _simulate(tmp, shared: Path, holdout: str) -> Step:
 
 
 def case_holdout_not_interior_at_simulate(tmp):
-    return _simulate(tmp, _shared(tmp / "shared.h5ad"), "0"), "held-out time point '0' is not an interior"
+    return _simulate(tmp, _shared(tmp / "shared.h5ad"), "0"), "held-out time point '0' is not a later time point"
 
 
 def case_no_time_labels_for_the_simulator(tmp):

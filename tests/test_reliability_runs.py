@@ -264,14 +264,14 @@ def killed_during_training(tmp_path_factory) -> tuple[Path, dict, str]:
     workdir = tmp_path_factory.mktemp("killed")
     config = _config("synthA", "exp-a", checkpoint_every=2)  # never changes a result
     proc = _snakemake(workdir, config, start_new_session=True)
-    checkpoints = _wait_for("results/synthA/simulate/*/.checkpoints/simulator.*.pt", workdir, proc, timeout=600)
+    checkpoints = _wait_for("results/synthA/simulate/*/*/.checkpoints/simulator.*.pt", workdir, proc, timeout=600)
     _kill(proc)
     at_kill = {str(p): torch.load(p, weights_only=True)["epoch"] for p in checkpoints}
     complete = _check_every_output(workdir / "results" / "synthA")
     assert complete, "the kill left no outputs to check"
     _finish(_snakemake(workdir, config, "--unlock"))
     _finish(_snakemake(workdir, config, "--rerun-incomplete"))
-    return workdir, at_kill, "\n".join(p.read_text() for p in (workdir / "logs" / "synthA" / "simulate").glob("*.log"))
+    return workdir, at_kill, "\n".join(p.read_text() for p in (workdir / "logs" / "synthA" / "simulate").glob("*/*.log"))
 
 
 def _check_every_output(folder: Path) -> list[Path]:

@@ -196,7 +196,7 @@ def test_training_rules_ask_slurm_for_a_gpu(workflow_run, cluster):
 
 def test_outputs_and_mlflow_runs_are_complete(workflow_run):
     results = workflow_run["workdir"] / "results" / "synthetic"
-    for path in ["evaluate/metrics.json", "report/model.json", "simulate/2/simulator.pt", "simulate/none/simulator.pt"]:
+    for path in ["evaluate/metrics.json", "report/model.json", "simulate/2/seed0/simulator.pt", "simulate/none/seed0/simulator.pt"]:
         assert (results / path).stat().st_size > 0, path
     runs = check_runs(workflow_run["client"])
     # each child run ran inside the SLURM job that Snakemake submitted for it

@@ -110,20 +110,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--model")
     _add(p, "--figure")
 
-    p = stage("simulate", "fit the dynamics in the shared space with one time point held out (or none)")
+    p = stage("simulate", "fit the dynamics (one seed) with one time point held out, the last ('last') or none")
     _add(p, "--dataset")
     _add(p, "--holdout")
+    _add(p, "--seed", type=int, required=False, default=None, help="training seed (default: simulate.seed)")
     _add(p, "--input")
+    _add(p, "--expression", required=False, default=None,
+         help="the paired .h5mu whose log-normalised expression the decoder learns (with --decoder)")
     _add(p, "--output")
+    _add(p, "--decoder", required=False, default=None)
     _add(p, "--figure")
 
     p = stage("evaluate", "held-out time points and cross-modal retrieval against baselines")
     _add(p, "--dataset")
     _add(p, "--shared")
     _add(p, "--simulator", action="append", metavar="HOLDOUT=PATH", required=False, default=[],
-         help="repeat per holdout; none for data without time points")
+         help="repeat per holdout and seed (seeds in order); none for data without time points")
+    _add(p, "--space", required=False, default="embedding", choices=["embedding", "pca"],
+         help="the space the simulators run in (simulate.space)")
     _add(p, "--output")
+    _add(p, "--fates", required=False, default=None, help="per-cell fate probabilities (.h5ad)")
     _add(p, "--figure")
+    _add(p, "--fate-figure", required=False, default=None)
 
     p = stage("report", "register the final simulator in the MLflow model registry")
     _add(p, "--dataset")
@@ -164,20 +172,25 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
                                             model=args.model, figure=args.figure, params=p, device=device,
                                             run=run, checkpoint_every=every))
     if args.stage == "simulate":
-        return ("simulate", [args.input], [args.output, args.figure], wildcards | {"holdout": args.holdout},
-                lambda p, run: stages.simulate(input=args.input, holdout=args.holdout, output=args.output,
-                                               figure=args.figure, params=p, device=device, run=run,
-                                               checkpoint_every=every))
+        return ("simulate", [f for f in (args.input, args.expression) if f],
+                [f for f in (args.output, args.decoder, args.figure) if f],
+                wildcards | {"holdout": args.holdout} | ({} if args.seed is None else {"seed": str(args.seed)}),
+                lambda p, run: stages.simulate(input=args.input, expression=args.expression, holdout=args.holdout,
+                                               seed=p["seed"] if args.seed is None else args.seed,
+                                               output=args.output, decoder=args.decoder, figure=args.figure,
+                                               params=p, device=device, run=run, checkpoint_every=every))
     if args.stage == "evaluate":
         simulators = {}
         for item in args.simulator:
             holdout, sep, path = item.partition("=")
             if not sep:
                 raise InputError(f"--simulator {item}: expected HOLDOUT=PATH")
-            simulators[holdout] = path
-        return ("evaluate", [args.shared, *simulators.values()], [args.output, args.figure], wildcards,
+            simulators.setdefault(holdout, []).append(path)
+        outputs = [f for f in (args.output, args.fates, args.figure, args.fate_figure) if f]
+        return ("evaluate", [args.shared, *(p for paths in simulators.values() for p in paths)], outputs, wildcards,
                 lambda p, run: stages.evaluate(shared=args.shared, simulators=simulators, output=args.output,
-                                               figure=args.figure, dataset=args.dataset, params=p, run=run))
+                                               figure=args.figure, dataset=args.dataset, params=p, run=run,
+                                               space=args.space, fates=args.fates, fate_figure=args.fate_figure))
     if args.stage == "report":
         return ("mlflow", [args.simulator, args.shared, args.metrics], [args.output, args.summary], wildcards,
                 lambda p, run: stages.register(simulator=args.simulator, shared=args.shared,

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from virtualcell import io
+from virtualcell import figures, io, reference, synthetic
 from virtualcell.errors import InputError
 from virtualcell.io import COUNTS_LAYER, PROT, RNA, SPATIAL
 from virtualcell.pairing import IMAGE, PATCH_SHAPE
@@ -33,9 +33,11 @@ EMBED_RNA = "X_rna"
 EMBED_JOINT = "X_joint"
 SHARED = "X_shared"
 SHARED_RNA = "X_shared_rna"
+PCA5 = f"X_{reference.KEY}"  # the literature's space: 5 whitened PCs of the log-normalised HVGs
 # align's output: which modality the expression was aligned with
 PARTNER = "partner"
 NO_HOLDOUT = "none"
+LAST = "last"  # the holdout of the last time point: extrapolated from the earlier ones
 # obs columns carried from the paired data into the embedding files
 CARRIED_OBS = ("split", "time", "batch", "condition", "celltype", "fate")
 
@@ -63,8 +65,20 @@ def partner_modality(modalities: list[str]) -> str | None:
     raise InputError(f"{list(modalities)} has no expression modality; add rna (cells) or spatial (spots)")
 
 
-def state_of(data: ad.AnnData) -> tuple[str, np.ndarray]:
-    """The space the simulator runs in: the shared space after an alignment, else the RNA latent."""
+SPACES = ("embedding", "pca")
+
+
+def state_of(data: ad.AnnData, space: str = "embedding") -> tuple[str, np.ndarray]:
+    """The space the simulator runs in, by name, and every cell's coordinates in it.
+
+    ``embedding``: the shared space after an alignment, else the RNA latent; ``pca``: the
+    literature's pca5 (5 whitened PCs of the log-normalised HVGs), where the simulator is
+    judged like for like with published methods.
+    """
+    if space == "pca":
+        return reference.SPACE, np.asarray(data.obsm[PCA5], dtype=np.float32)
+    if space != "embedding":
+        raise InputError(f"config simulate.space: unknown space '{space}'; use one of {list(SPACES)}")
     key = SHARED if SHARED in data.obsm else EMBED_RNA
     return ("shared" if key == SHARED else "rna_latent"), np.asarray(data.obsm[key], dtype=np.float32)
 
@@ -81,15 +95,6 @@ def holdout_label(time: float) -> str:
 
 def _dense(x: Any) -> np.ndarray:
     return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # ---------------------------------------------------------------------------
@@ -228,30 +233,11 @@ def pair(*, input: str, output: str, split: str, params: Mapping[str, Any], run:
     run.log_table(table, "split.tsv")
     if IMAGE in paired.mod:
         # What the aligner will see of the tissue: a sample of the spot <-> patch pairs.
-        run.log_figure(patch_figure(paired), "image_patches.png")
+        run.log_figure(figures.patches(paired), "image_patches.png")
     io.write_table(table, split)
     io.write_h5mu(paired, output)
     say(f"paired {paired.n_obs} {'spots with their image patches' if IMAGE in paired.mod else 'cells'}: "
         f"{counts.to_dict()}")
-
-
-def patch_figure(paired, *, n: int = 24):
-    """Image patches of ``n`` spots (evenly through the spots), titled with each spot's total counts."""
-    plt = _figure()
-    shape = paired.mod[IMAGE].uns[PATCH_SHAPE]
-    spots = np.linspace(0, paired.n_obs - 1, num=min(n, paired.n_obs)).astype(int)
-    patches = np.asarray(paired.mod[IMAGE].X)[spots].reshape(-1, *shape).transpose(0, 2, 3, 1)
-    totals = np.asarray(paired.mod[SPATIAL].layers[COUNTS_LAYER][spots].sum(axis=1)).ravel()
-    cols = 8
-    fig, axes = plt.subplots(-(-len(spots) // cols), cols, figsize=(cols * 1.2, 1.35 * -(-len(spots) // cols)),
-                             squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, patch, total in zip(axes.ravel(), patches, totals, strict=False):
-        ax.imshow(patch)
-        ax.set_title(f"{total:.0f}", fontsize=7)
-    fig.suptitle("tissue image patches paired with spots (title: counts in the spot)", fontsize=9)
-    return fig
 
 
 def _model_inputs(paired) -> tuple[Any, Any, pd.DataFrame]:
@@ -269,6 +255,36 @@ def _model_inputs(paired) -> tuple[Any, Any, pd.DataFrame]:
 
 def _counts(x: Any) -> Any:
     return sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
+
+
+def _reference_space(paired, out: ad.AnnData) -> None:
+    """The literature's space (pca5) of every cell, and what scoring needs, on the embedding file.
+
+    ``obsm["X_pca5"]``, ``uns["pca5"]`` (the projection, the genes QC kept and their normalisation),
+    and on generated data the truth: ``obsm["truth_latent"]`` and ``uns["synthetic"]``.
+    """
+    rna = paired.mod[io.expression_modality(paired)]
+    hvg = rna.var["highly_variable"].to_numpy() if "highly_variable" in rna.var else np.ones(rna.n_vars, bool)
+    target_sum = rna.uns.get("normalize_total", {}).get("target_sum")
+    ref = reference.fit(rna.X[:, hvg], rna.var_names[hvg], target_sum=target_sum)
+    out.obsm[PCA5] = reference.project(rna.X[:, hvg], ref).astype(np.float32)
+    out.uns[reference.KEY] = reference.to_uns(ref) | {"all_genes": np.asarray(rna.var_names, dtype=str)}
+    if synthetic.LATENT_KEY in rna.obsm:
+        out.obsm[synthetic.LATENT_KEY] = np.asarray(rna.obsm[synthetic.LATENT_KEY])
+    if synthetic.PARAMS_KEY in paired.uns:
+        out.uns[synthetic.PARAMS_KEY] = json.dumps(dict(paired.uns[synthetic.PARAMS_KEY]), default=_jsonable)
+    say(f"embed: pca5 of {int(hvg.sum())} genes explains "
+        f"{100 * float(np.sum(ref['explained_variance_ratio'])):.1f}% of their variance")
+
+
+def _jsonable(v: Any) -> Any:
+    return v.tolist() if hasattr(v, "tolist") else str(v)
+
+
+def generator_params(data: ad.AnnData) -> dict[str, Any] | None:
+    """The generator's parameters when the data are the built-in synthetic data, else None."""
+    value = data.uns.get(synthetic.PARAMS_KEY)
+    return json.loads(value) if isinstance(value, str) else None
 
 
 def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: str,
@@ -289,6 +305,7 @@ def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: 
                  else np.concatenate([x_rna, x_prot], axis=1))
         blocks["joint"] = (joint, [x_rna.shape[1], x_prot.shape[1]], joint_model, EMBED_JOINT)
     out = ad.AnnData(obs=obs)
+    _reference_space(paired, out)
     histories = {}
     checkpoints = []
     for name, (x, sizes, path, key) in blocks.items():
@@ -307,7 +324,7 @@ def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: 
         # No protein: the joint encoder is the RNA encoder, stated rather than hidden.
         io.atomic_write(joint_model, lambda tmp: tmp.write_bytes(Path(rna_model).read_bytes()))
         out.obsm[EMBED_JOINT] = out.obsm[EMBED_RNA]
-    plt = _figure()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, history in histories.items():
         ax.plot([h["loss"] for h in history], label=f"{name} train")
@@ -364,7 +381,10 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     )
     za, zb = aligner.embed("rna", xa), aligner.embed(partner, xb)
     both = za + zb
-    out = ad.AnnData(obs=emb.obs.copy())
+    out = ad.AnnData(obs=emb.obs.copy(), uns=dict(emb.uns))
+    for key in (PCA5, synthetic.LATENT_KEY):
+        if key in emb.obsm:
+            out.obsm[key] = emb.obsm[key]
     out.uns[PARTNER] = partner
     out.obsm[SHARED_RNA], out.obsm[shared_key(partner)] = za, zb
     out.obsm[EMBED_RNA], out.obsm[input_key(partner)] = xa, xb
@@ -372,7 +392,7 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     test = split == "test"
     metrics = retrieval_metrics(za[test], zb[test]) if test.sum() > 5 else {}
     run.log_metrics({f"align.test_{k}": v for k, v in metrics.items()})
-    plt = _figure()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([h["loss"] for h in history], label="train")
     if "val_loss" in history[0]:
@@ -401,14 +421,20 @@ def observed_times(obs: pd.DataFrame, *, origin: str) -> np.ndarray:
 
 
 def parse_holdout(holdout: str, times: np.ndarray, *, origin: str) -> float | None:
-    """None for the model trained on every time point; else the held-out time, which must be interior."""
+    """None for the model trained on every time point; else the held-out time.
+
+    An interior time point is interpolated; the last one is extrapolated (predicted from the
+    earlier ones). The first cannot be held out: the simulator starts from it.
+    """
     if holdout == NO_HOLDOUT:
         return None
+    if holdout == LAST:
+        return float(times[-1])
     matches = [t for t in times if holdout_label(t) == holdout]
-    interior = [holdout_label(t) for t in times[1:-1]]
-    if not matches or matches[0] in (times[0], times[-1]):
+    allowed = [holdout_label(t) for t in times[1:]]
+    if not matches or matches[0] == times[0]:
         raise InputError(
-            f"{origin}: held-out time point '{holdout}' is not an interior time point; choose from {interior}"
+            f"{origin}: held-out time point '{holdout}' is not a later time point of the data; choose from {allowed}"
         )
     return float(matches[0])
 
@@ -416,73 +442,87 @@ def parse_holdout(holdout: str, times: np.ndarray, *, origin: str) -> float | No
 def check_holdouts(holdouts: str | list[float], times: np.ndarray, *, origin: str) -> None:
     """Every listed held-out time point must be an interior time point (``auto`` picks them so)."""
     if holdouts != "auto":
+        interior = [holdout_label(t) for t in times[1:-1]]
         for time in holdouts:
-            parse_holdout(holdout_label(time), times, origin=origin)
+            if holdout_label(time) not in interior:
+                raise InputError(
+                    f"{origin}: held-out time point '{holdout_label(time)}' is not an interior time point; choose "
+                    f"from {interior} (the last one is held out for extrapolation by evaluate.extrapolate)"
+                )
 
 
-def simulate(*, input: str, holdout: str, output: str, figure: str, params: Mapping[str, Any],
-             device: str, run: JobRun, checkpoint_every: int = 0) -> None:
+SIMULATE_METHODS = ("ot_cfm", "sf2m")
+
+
+def simulate(*, input: str, holdout: str, seed: int, output: str, figure: str, params: Mapping[str, Any],
+             device: str, run: JobRun, checkpoint_every: int = 0, expression: str | None = None,
+             decoder: str | None = None) -> None:
+    """Fit the simulator (one seed, one held-out time point or none), and, given the paired expression,
+    its decoder to log-normalised expression (written to ``decoder``)."""
+    from virtualcell.models.decoder import ExpressionDecoder
     from virtualcell.models.dynamics import Simulator
 
-    if params["method"] != "ot_cfm":
-        raise InputError(f"config simulate.method: unknown method '{params['method']}'; use ot_cfm")
+    if (expression is None) != (decoder is None):
+        raise InputError("simulate: give --expression and --decoder together (the decoder learns that expression)")
+    if params["method"] not in SIMULATE_METHODS:
+        raise InputError(f"config simulate.method: unknown method '{params['method']}'; use one of "
+                         f"{list(SIMULATE_METHODS)}")
     shared = io.read_h5ad(input)
     times = observed_times(shared.obs, origin=input)
     held = parse_holdout(holdout, times, origin=input)
     t = shared.obs["time"].to_numpy(dtype=float)
-    space, x = state_of(shared)
+    space, x = state_of(shared, params["space"])
     keep = t != held if held is not None else np.ones(len(t), bool)
-    say(f"simulate: OT flow matching in the {space} space on {int(keep.sum())} cells at times "
-        f"{sorted(set(t[keep].tolist()))} (held out: {holdout})")
+    stochastic = params["method"] == "sf2m"
+    say(f"simulate: {'SF2M (stochastic)' if stochastic else 'OT flow matching (ODE)'} in the {space} space on "
+        f"{int(keep.sum())} cells at times {sorted(set(t[keep].tolist()))} (held out: {holdout}, seed {seed})")
     sim = Simulator(x.shape[1], n_hidden=params["n_hidden"], n_layers=params["n_layers"],
-                    potential=params["potential"])
+                    potential=params["potential"], stochastic=stochastic, autonomous=params["autonomous"])
+    fit_kwargs = {k: params[k] for k in ("epochs", "steps_per_epoch", "batch_size", "lr", "sigma", "kinetic",
+                                         "unbalanced")}
+    if stochastic:
+        fit_kwargs["diffusion"] = params["diffusion"]
     checkpoint = checkpoint_file(output, every=checkpoint_every, arrays=[x[keep], t[keep]],
-                                 settings={"params": params, "holdout": holdout, "network": _network(sim)})
-    _fit(
-        functools.partial(sim.fit, x[keep], t[keep], epochs=params["epochs"], batch_size=params["batch_size"],
-                          lr=params["lr"], sigma=params["sigma"], seed=params["seed"], device=device),
-        run=run, prefix="simulate", checkpoint=checkpoint, every=checkpoint_every,
-    )
+                                 settings={"params": params, "holdout": holdout, "seed": seed,
+                                           "network": _network(sim)})
+    _fit(functools.partial(sim.fit, x[keep], t[keep], seed=seed, device=device, **fit_kwargs),
+         run=run, prefix="simulate", checkpoint=checkpoint, every=checkpoint_every)
     io.atomic_write(output, sim.save)
     run.log_artifact(output, artifact_path="models")
-    fig = trajectory_figure(sim, x, t, held=held, n_steps=params["n_steps"], space=space)
-    run.log_figure(fig, "trajectories.png")
-    io.write_figure(fig, figure)
     remove_checkpoints(checkpoint)
 
-
-def trajectory_figure(sim, x: np.ndarray, t: np.ndarray, *, held: float | None, n_steps: int, space: str):
-    """Cells in the first two PCs of the state space, coloured by time, with simulated paths."""
-    from sklearn.decomposition import PCA
-
-    plt = _figure()
-    pca = PCA(n_components=2, random_state=0).fit(x)
-    times = np.unique(t)
-    rng = np.random.default_rng(0)
-    start = x[t == times[0]]
-    start = start[rng.choice(len(start), size=min(30, len(start)), replace=False)]
-    path = [start]
-    for t0, t1 in zip(times[:-1], times[1:], strict=True):
-        path.append(sim.simulate(path[-1], t0=float(t0), t1=float(t1), n_steps=max(n_steps // len(times), 5)))
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    pc = pca.transform(x)
-    sca = ax.scatter(pc[:, 0], pc[:, 1], c=t, s=3, cmap="viridis", alpha=0.5)
-    if held is not None:
-        h = t == held
-        ax.scatter(pc[h, 0], pc[h, 1], s=3, c="crimson", alpha=0.5, label=f"held out t={held:g}")
-        ax.legend(loc="best")
-    lines = np.stack([pca.transform(p) for p in path], axis=1)
-    for line in lines:
-        ax.plot(line[:, 0], line[:, 1], color="black", linewidth=0.6, alpha=0.7)
-    fig.colorbar(sca, ax=ax, label="time")
-    ax.set(xlabel=f"PC1 ({space.replace('_', ' ')} space)", ylabel="PC2", title="simulated trajectories")
-    return fig
+    fig = figures.trajectories(sim, x, t, held=held, n_steps=params["n_steps"], space=space)
+    run.log_figure(fig, "trajectories.png")
+    io.write_figure(fig, figure)
+    if expression is None:
+        return
+    # The decoder from the simulator's space to log-normalised expression, on the training cells
+    # the simulator saw: how a state speaks genes, and how it reaches pca5 to be judged.
+    paired = io.read_h5mu(expression)
+    rna = paired.mod[io.expression_modality(paired)][shared.obs_names]
+    hvg = rna.var["highly_variable"].to_numpy() if "highly_variable" in rna.var else np.ones(rna.n_vars, bool)
+    expr = _counts(rna.X[:, hvg])
+    split = shared.obs["split"].to_numpy()
+    fit_cells, val_cells = keep & (split == "train"), keep & (split == "val")
+    say(f"simulate: decoder {space} -> {int(hvg.sum())} log-normalised genes on {int(fit_cells.sum())} cells")
+    dec = ExpressionDecoder(x.shape[1], int(hvg.sum()), n_hidden=params["n_hidden"])
+    _fit(functools.partial(dec.fit, x[fit_cells], expr[fit_cells], z_val=x[val_cells] if val_cells.any() else None,
+                           x_val=expr[val_cells] if val_cells.any() else None, epochs=params["decoder_epochs"],
+                           batch_size=params["batch_size"], lr=params["lr"], seed=seed, device=device),
+         run=run, prefix="simulate.decoder", checkpoint=None, every=0)
+    io.atomic_write(decoder, dec.save)
+    run.log_artifact(decoder, artifact_path="models")
 
 
-def evaluate(*, shared: str, simulators: Mapping[str, str], output: str, figure: str, dataset: str,
-             params: Mapping[str, Any], run: JobRun) -> None:
+def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: str, figure: str, dataset: str,
+             params: Mapping[str, Any], run: JobRun, space: str = "embedding", fates: str | None = None,
+             fate_figure: str | None = None) -> None:
+    """metrics.json: retrieval against CCA, simulation against baselines in pca5, fates against the truth.
+
+    ``simulators`` maps each holdout (``none`` included) to its simulator files, one per seed, in
+    seed order; each has its decoder beside it (``decoder.pt``).
+    """
     from virtualcell import evaluate as ev
-    from virtualcell.models.dynamics import Simulator
 
     data = io.read_h5ad(shared)
     obs = data.obs
@@ -506,73 +546,188 @@ def evaluate(*, shared: str, simulators: Mapping[str, str], output: str, figure:
             "random": ev.random_embedding(za[test], seed=seed),
         })}
 
-    holdouts = {h: p for h, p in simulators.items() if h != NO_HOLDOUT}
-    if holdouts:
-        space, x = state_of(data)
-        x = x.astype(np.float64)
-        t = obs["time"].to_numpy(dtype=float)
-        times = observed_times(obs, origin=shared)
-        per_holdout: dict[str, dict[str, dict[str, float]]] = {}
-        for label, path in sorted(holdouts.items()):
-            held = parse_holdout(label, times, origin=shared)
-            prev, nxt = times[times < held].max(), times[times > held].min()
-            x_prev, x_true, x_next = x[t == prev], x[t == held], x[t == nxt]
-            alpha = (held - prev) / (nxt - prev)
-            sim = io.read_model(Simulator, path)
-            predictions = {
-                "model": sim.simulate(x_prev.astype(np.float32), t0=float(prev), t1=float(held),
-                                      n_steps=params["n_steps"]),
-                "ot_interp": ev.ot_interpolate(x_prev, x_next, alpha, n=len(x_true), max_points=max_points,
-                                               seed=seed),
-                "copy_prev": x_prev,
-                "copy_next": x_next,
-                "random_coupling": ev.random_coupling_interpolate(x_prev, x_next, alpha, n=len(x_true),
-                                                                  max_points=max_points, seed=seed),
-            }
-            dists = {m: ev.distribution_distances(p, x_true, max_points=max_points, seed=seed)
-                     for m, p in predictions.items()}
-            dists["noise_floor"] = ev.noise_floor(x_true, max_points=max_points, seed=seed)
-            per_holdout[label] = {
-                f"{d}_{space}": {m: v[d] for m, v in dists.items()} for d in ("w1", "w2", "mmd")
-            }
-            say(f"evaluate: holdout t={label}: W1 model {dists['model']['w1']:.4f}, "
-                f"OT interpolation {dists['ot_interp']['w1']:.4f}, noise floor {dists['noise_floor']['w1']:.4f}")
-        first = next(iter(per_holdout.values()))
-        mean = {
-            d: {m: float(np.mean([per_holdout[h][d][m] for h in per_holdout])) for m in first[d]} for d in first
-        }
-        metrics["simulation"] = {"space": space, "holdouts": per_holdout, "mean": mean}
-
-    truth = truth_scores(data, train=train, test=test, seed=seed)
-    if truth:
-        metrics["truth"] = truth
+    if any(h != NO_HOLDOUT for h in simulators):
+        metrics["simulation"], fate = _score_simulators(data, simulators, params=params, space=space,
+                                                        origin=shared)
+        if fate is not None:
+            scores, fate_data = fate
+            if scores:
+                metrics["fate"] = scores
+            if fates:
+                io.write_h5ad(fate_data, fates)
+            if fate_figure:
+                coords = fate_data.obsm[PCA5][:, :2]
+                truth = fate_data.obsm.get(TRUE_FATES)
+                fig = figures.fates(coords, np.asarray(fate_data.obsm[FATES]),
+                                    None if truth is None else np.asarray(truth), list(fate_data.uns[FATE_NAMES]))
+                run.log_figure(fig, "fates.png")
+                io.write_figure(fig, fate_figure)
     run.log_metrics(_flat_metrics(metrics))
     run.log_dict(metrics, "metrics.json")
-    fig = metrics_figure(metrics)
+    fig = figures.evaluation(metrics)
     run.log_figure(fig, "evaluation.png")
     io.write_figure(fig, figure)
     io.write_json(metrics, output)
 
 
-def truth_scores(data: ad.AnnData, *, train: np.ndarray, test: np.ndarray, seed: int) -> dict[str, float]:
-    """On synthetic data: how well the shared space separates the true fates (held-out cells)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
+FATES = "fate_probabilities"
+TRUE_FATES = "truth_fate_probabilities"
+FATE_NAMES = "fate_names"
 
-    if "fate" not in data.obs or test.sum() < 10:
-        return {}
-    fate = data.obs["fate"].astype(str).to_numpy()
-    names = sorted(f for f in set(fate) if f.startswith("fate"))
-    if len(names) < 2:
-        return {}
-    keep = np.isin(fate, names[:2])
-    y = fate == names[0]
-    _, x = state_of(data)
-    fit, score = train & keep, test & keep
-    if len(set(y[fit])) < 2 or len(set(y[score])) < 2:
-        return {}
-    clf = LogisticRegression(max_iter=1000, random_state=seed).fit(x[fit], y[fit])
-    return {"fate_auroc": float(roc_auc_score(y[score], clf.predict_proba(x[score])[:, 1]))}
+
+def _score_simulators(data: ad.AnnData, simulators: Mapping[str, Sequence[str]], *, params: Mapping[str, Any],
+                      space: str, origin: str):
+    from virtualcell import evaluate as ev
+    from virtualcell import timecourse as tc
+
+    obs = data.obs
+    state_name, x = state_of(data, space)
+    x = x.astype(np.float64)
+    t = obs["time"].to_numpy(dtype=float)
+    times = observed_times(obs, origin=origin)
+    models = {path: _load_simulator(path, need_decoder=state_name != reference.SPACE)
+              for paths in simulators.values() for path in paths}
+    if PCA5 not in data.obsm or reference.KEY not in data.uns:
+        raise InputError(f"{origin}: no pca5 coordinates (obsm '{PCA5}'); it was written by an older version: "
+                         "rerun the embed step (snakemake --forcerun embed)")
+    ref = reference.from_uns(data.uns[reference.KEY])
+    gen = generator_params(data)
+    oracle = tc.make_oracle(gen, ref, data.uns[reference.KEY]["all_genes"]) if gen else None
+    scorer = tc.Scorer(data.obsm[PCA5], x, t, space=state_name, oracle=oracle, max_points=params["max_points"])
+    n_steps, base_seed, mp = params["n_steps"], params["seed"], params["max_points"]
+
+    def load(path: str):
+        return models[path]
+
+    def to_pca(states: np.ndarray, dec, s: int) -> np.ndarray:
+        if state_name == reference.SPACE:
+            return states
+        return reference.project(dec.decode(states.astype(np.float32), sample=True, seed=s), ref)
+
+    section: dict[str, Any] = {"space": state_name, "n_seeds": 0, "holdouts": {}, "extrapolation": {},
+                               "rollout": {}}
+    fate = None
+    for label, paths in sorted(simulators.items()):
+        held = parse_holdout(label, times, origin=origin)
+        seeds = [base_seed + i for i in range(len(paths))]  # of sampling; each model has its own training seed
+        section["n_seeds"] = len(paths)
+        if held is None:
+            if params["fate_rollouts"] > 0:
+                fate = _score_fates(data, [load(p)[0] for p in paths], x=x, t=t, times=times, seeds=seeds,
+                                    params=params)
+            continue
+        last = held == times[-1]
+        prev = times[times < held].max()
+        runs, rollouts = [], []
+        for path, s in zip(paths, seeds, strict=True):
+            sim, dec = load(path)
+            pred_x = sim.simulate(scorer.at(prev, state=True).astype(np.float32), t0=float(prev), t1=float(held),
+                                  n_steps=n_steps, seed=s).astype(np.float64)
+            predictions = {"model": (to_pca(pred_x, dec, s), pred_x)}
+            n = int((t == held).sum())
+            zp, xp = scorer.at(prev), scorer.at(prev, state=True)
+            if last:
+                before = times[times < prev].max()
+                beta = (held - prev) / (prev - before)
+                predictions["copy_last"] = (zp, xp)
+                predictions["ot_extrap"] = (
+                    ev.ot_extrapolate(scorer.at(before), zp, beta, n=n, max_points=mp, seed=s),
+                    ev.ot_extrapolate(scorer.at(before, state=True), xp, beta, n=n, max_points=mp, seed=s))
+            else:
+                nxt = times[times > held].min()
+                alpha = (held - prev) / (nxt - prev)
+                zn, xn = scorer.at(nxt), scorer.at(nxt, state=True)
+                predictions |= {
+                    "ot_interp": (ev.ot_interpolate(zp, zn, alpha, n=n, max_points=mp, seed=s),
+                                  ev.ot_interpolate(xp, xn, alpha, n=n, max_points=mp, seed=s)),
+                    "copy_prev": (zp, xp),
+                    "copy_next": (zn, xn),
+                    "random_coupling": (ev.random_coupling_interpolate(zp, zn, alpha, n=n, max_points=mp, seed=s),
+                                        ev.random_coupling_interpolate(xp, xn, alpha, n=n, max_points=mp,
+                                                                       seed=s)),
+                }
+            runs.append(scorer.score(held, predictions, seed=s))
+            if last:
+                # Multi-step: from the first time point to every later one in one simulation.
+                start = scorer.at(times[0], state=True).astype(np.float32)
+                rollouts.append({})
+                for later in times[1:]:
+                    end = sim.simulate(start, t0=float(times[0]), t1=float(later), n_steps=n_steps,
+                                       seed=s).astype(np.float64)
+                    scores = scorer.score(later, {"model": (to_pca(end, dec, s), end),
+                                                  "copy_first": (scorer.at(times[0]), start)}, seed=s)
+                    rollouts[-1][holdout_label(later)] = {f"w1_{reference.SPACE}": scores[f"w1_{reference.SPACE}"]}
+        summary = tc.summarise(runs)
+        (section["extrapolation"] if last else section["holdouts"])[holdout_label(held)] = summary
+        if rollouts:
+            for later in rollouts[0]:
+                section["rollout"][later] = tc.summarise([r[later] for r in rollouts])
+        w1 = summary[f"w1_{reference.SPACE}"]
+        ref_method = "copy_last" if last else "ot_interp"
+        say(f"evaluate: {'extrapolated' if last else 'held-out'} t={holdout_label(held)}: W1 (pca5) model {w1['model']:.3f} "
+            f"± {summary['std'][f'w1_{reference.SPACE}']['model']:.3f}, {ref_method} {w1[ref_method]:.3f}"
+            + (f", oracle {w1['oracle']:.3f}" if "oracle" in w1 else "")
+            + (f"; gap closed {summary['gap_closed']:.2f}" if "gap_closed" in summary else ""))
+    if section["holdouts"]:
+        section["mean"] = tc.mean_over(section["holdouts"])
+    for key in ("extrapolation", "rollout"):
+        if not section[key]:
+            del section[key]
+    return section, fate
+
+
+def _load_simulator(path: str, *, need_decoder: bool):
+    """A simulator file and the decoder beside it (None when not needed: a simulator in pca5)."""
+    from virtualcell.models.decoder import ExpressionDecoder
+    from virtualcell.models.dynamics import Simulator
+
+    sim = io.read_model(Simulator, path)
+    decoder = Path(path).with_name(DECODER)
+    if not need_decoder and not decoder.exists():
+        return sim, None
+    return sim, io.read_model(ExpressionDecoder, decoder)
+
+
+DECODER = "decoder.pt"  # beside each simulator.pt
+
+
+def _score_fates(data: ad.AnnData, sims: Sequence[Any], *, x: np.ndarray, t: np.ndarray, times: np.ndarray,
+                 seeds: Sequence[int], params: Mapping[str, Any]):
+    """Fate probabilities from stochastic rollouts of the model trained on every time point, per seed."""
+    from virtualcell import timecourse as tc
+
+    obs = data.obs
+    last = t == times[-1]
+    label_key = "celltype" if "celltype" in obs else None
+    labels = obs[label_key].astype(str).to_numpy() if label_key else None
+    clf = tc.fate_classifier(x[last], None if labels is None else labels[last], seed=params["seed"])
+    classes = [str(c) for c in clf.classes_]
+    cells = ~last
+    predicted = [tc.simulated_fates(sim, clf, x[cells], t[cells], t_end=float(times[-1]),
+                                    n_rollouts=params["fate_rollouts"], n_steps=params["n_steps"], seed=s)
+                 for sim, s in zip(sims, seeds, strict=True)]
+    out = ad.AnnData(obs=obs.loc[cells].copy())
+    out.obsm[FATES] = pd.DataFrame(np.mean(predicted, axis=0), index=out.obs_names, columns=classes)
+    out.obsm[PCA5] = np.asarray(data.obsm[PCA5])[cells]
+    out.uns[FATE_NAMES] = classes
+    say(f"evaluate: fate probabilities of {int(cells.sum())} cells from {params['fate_rollouts']} rollouts each, "
+        f"fates {classes}")
+    if synthetic.LATENT_KEY not in data.obsm or "fate" not in obs:
+        return {}, out
+    truth = tc.true_fates(np.asarray(data.obsm[synthetic.LATENT_KEY])[cells], t[cells], classes,
+                          t_end=float(times[-1]), n_rollouts=100, seed=params["seed"])
+    out.obsm[TRUE_FATES] = pd.DataFrame(truth, index=out.obs_names, columns=classes)
+    realised = obs["fate"].astype(str).to_numpy()[cells]
+    runs = [{"model": tc.fate_scores(p, truth, realised, classes)} for p in predicted]
+    # No dynamics: the fate of the late cells nearest to a cell's present state.
+    now = tc.fate_scores(clf.predict_proba(x[cells]), truth, realised, classes)
+    mean, std = tc.mean_and_std(runs)
+    scores = {k: {"model": mean["model"][k], "no_dynamics": now[k]} for k in mean["model"] if k != "n_committed"}
+    scores["std"] = {k: {"model": v} for k, v in std["model"].items() if k != "n_committed"}
+    scores["n_cells"], scores["n_committed"] = int(cells.sum()), now["n_committed"]
+    say(f"evaluate: fates vs truth: Pearson r {scores['pearson_r']['model']:.3f} (no dynamics "
+        f"{now['pearson_r']:.3f}), committed-cell AUROC {scores.get('auroc_committed', {}).get('model', float('nan')):.3f}")
+    return scores, out
 
 
 def _flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -586,36 +741,6 @@ def _flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, flo
     return flat
 
 
-def metrics_figure(metrics: Mapping[str, Any]):
-    plt = _figure()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    sim = metrics.get("simulation")
-    if sim:
-        labels = list(sim["holdouts"])
-        w1 = f"w1_{sim['space']}"
-        methods = list(sim["mean"][w1])
-        width = 0.8 / len(methods)
-        for i, method in enumerate(methods):
-            axes[0].bar(np.arange(len(labels)) + i * width,
-                        [sim["holdouts"][h][w1][method] for h in labels], width, label=method)
-        axes[0].set_xticks(np.arange(len(labels)) + 0.4 - width / 2, [f"t={h}" for h in labels])
-        axes[0].set(ylabel=f"W1 to held-out cells ({sim['space'].replace('_', ' ')} space)",
-                    title="held-out time points")
-        axes[0].legend(fontsize=7)
-    for pair_name, align_metrics in metrics.get("alignment", {}).items():
-        names = ["top1", "top5", "foscttm"]
-        methods = list(align_metrics["top1"])
-        width = 0.8 / len(methods)
-        for i, method in enumerate(methods):
-            axes[1].bar(np.arange(len(names)) + i * width, [align_metrics[n][method] for n in names], width,
-                        label=method)
-        axes[1].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
-        axes[1].set(title=f"{pair_name} retrieval (test {'spots' if pair_name.endswith(IMAGE) else 'cells'})")
-        axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
 def register(*, simulator: str, shared: str, metrics: str, output: str, summary: str, dataset: str,
              params: Mapping[str, Any], run: JobRun) -> None:
     """Log the final simulator as a pyfunc model and register it as ``virtualcell-{dataset}``."""
@@ -625,20 +750,26 @@ def register(*, simulator: str, shared: str, metrics: str, output: str, summary:
     io.read_model(Simulator, simulator)  # a corrupt file fails here, named, not inside MLflow
     data = io.read_h5ad(shared)
     t = data.obs["time"].to_numpy(dtype=float) if "time" in data.obs else np.zeros(data.n_obs)
-    _, state = state_of(data)
+    _, state = state_of(data, params.get("space", "embedding"))
     example = simulator_input_example(state[:5], t_start=float(np.min(t)), horizon=1.0)
     name = f"virtualcell-{dataset}" if params["register"] else None
     uri = run.log_simulator(simulator, name="virtualcell", registered_model_name=name, input_example=example)
     values = json.loads(Path(metrics).read_text())
     rows = []
-    for d, by_method in values.get("simulation", {}).get("mean", {}).items():
-        rows += [{"section": "simulation (mean over holdouts)", "metric": d, "method": m, "value": v}
-                 for m, v in by_method.items()]
+    sim = values.get("simulation", {})
+    for section, block in [("simulation (mean over holdouts)", sim.get("mean", {})),
+                           *[(f"extrapolation t={h}", v) for h, v in sim.get("extrapolation", {}).items()],
+                           ("fate probabilities vs truth", values.get("fate", {}))]:
+        for d, by_method in block.items():
+            if d == "std":
+                continue
+            if isinstance(by_method, Mapping):
+                rows += [{"section": section, "metric": d, "method": m, "value": v} for m, v in by_method.items()]
+            elif isinstance(by_method, int | float):
+                rows.append({"section": section, "metric": d, "method": "model", "value": by_method})
     for pair_name, section in values.get("alignment", {}).items():
         rows += [{"section": f"alignment {pair_name}", "metric": d, "method": m, "value": v}
                  for d, by_method in section.items() for m, v in by_method.items()]
-    for d, v in values.get("truth", {}).items():
-        rows.append({"section": "ground truth", "metric": d, "method": "model", "value": v})
     table = pd.DataFrame(rows)
     run.log_table(table, "summary.tsv")
     io.write_table(table, summary)

@@ -8,7 +8,7 @@ from virtualcell import tracking
 from virtualcell.cli import ENV_CHECKPOINT_EVERY
 from virtualcell.config import validate_config
 from virtualcell.errors import InputError
-from virtualcell.stages import NO_HOLDOUT, check_holdouts, holdout_label, partner_modality
+from virtualcell.stages import LAST, NO_HOLDOUT, check_holdouts, holdout_label, partner_modality
 
 try:
     # In place: Snakemake keeps its own reference to this dict.
@@ -23,7 +23,8 @@ BENCHMARKS = "benchmarks"
 
 wildcard_constraints:
     dataset="[A-Za-z0-9_-]+",
-    holdout="[0-9.]+|none",
+    holdout="[0-9.]+|none|last",
+    seed="-?[0-9]+",
 
 # Jobs (local subprocesses, or SLURM jobs that re-read this file) learn where to
 # track and how often to checkpoint from the environment, so these settings never
@@ -82,10 +83,12 @@ def get_state(wildcards):
 
 
 def get_holdouts(dataset):
-    """The {holdout} values of a dataset: its held-out time points, then 'none' (all time points)."""
+    """The {holdout} values of a dataset: its held-out time points, 'last' (the last time point, held out
+    to be extrapolated) when evaluate.extrapolate, then 'none' (every time point)."""
     spec = config["datasets"][dataset]
     if not has_time(dataset):
         return []
+    extrapolate = config["evaluate"]["extrapolate"]
     if spec["holdouts"] == "auto":
         if spec["source"] != "synthetic":
             raise WorkflowError(
@@ -103,7 +106,12 @@ def get_holdouts(dataset):
                                origin=f"config datasets.{dataset}.holdouts")
             except InputError as exc:
                 raise WorkflowError(str(exc)) from None
-    return [holdout_label(t) for t in held] + [NO_HOLDOUT]
+    return [holdout_label(t) for t in held] + ([LAST] if extrapolate else []) + [NO_HOLDOUT]
+
+
+def get_seeds():
+    """The training seeds of each holdout's simulators: simulate.seed, +1, ... (evaluate.seeds of them)."""
+    return [config["simulate"]["seed"] + i for i in range(config["evaluate"]["seeds"])]
 
 
 for _dataset in config["datasets"]:
@@ -117,15 +125,16 @@ for _dataset in config["datasets"]:
 
 
 def get_simulators(wildcards):
+    """{holdout: [simulator file of each seed]}."""
     return {
-        h: f"{RESULTS}/{wildcards.dataset}/simulate/{h}/simulator.pt"
+        h: [f"{RESULTS}/{wildcards.dataset}/simulate/{h}/seed{s}/simulator.pt" for s in get_seeds()]
         for h in get_holdouts(wildcards.dataset)
     }
 
 
 def simulator_args(wildcards):
-    """`--simulator HOLDOUT=PATH` for each simulator evaluate reads."""
-    return " ".join(f"--simulator {h}={path}" for h, path in get_simulators(wildcards).items())
+    """`--simulator HOLDOUT=PATH` for each simulator evaluate reads (seeds in order)."""
+    return " ".join(f"--simulator {h}={p}" for h, paths in get_simulators(wildcards).items() for p in paths)
 
 
 def get_final_outputs():

@@ -1,17 +1,25 @@
 rule evaluate:
     input:
         shared=get_state,
-        simulators=lambda wc: list(get_simulators(wc).values()),
+        simulators=lambda wc: [p for paths in get_simulators(wc).values() for p in paths],
     output:
         metrics=f"{RESULTS}/{{dataset}}/evaluate/metrics.json",
+        fates=f"{RESULTS}/{{dataset}}/evaluate/fates.h5ad",
         figure=report(
             f"{RESULTS}/{{dataset}}/evaluate/evaluation.png",
             caption="../report/evaluate.rst",
             category="Evaluation",
             labels={"dataset": "{dataset}"},
         ),
+        fate_figure=report(
+            f"{RESULTS}/{{dataset}}/evaluate/fates.png",
+            caption="../report/fates.rst",
+            category="Evaluation",
+            labels={"dataset": "{dataset}", "figure": "fates"},
+        ),
     params:
         cfg=as_json(config["evaluate"]),
+        space=config["simulate"]["space"],
         simulators=simulator_args,
     conda:
         "../../envs/evaluate.yaml"
@@ -24,6 +32,7 @@ rule evaluate:
         mem_mb=res("evaluate", "mem_mb", 8000),
         runtime=res("evaluate", "runtime", 30),
     shell:
-        "virtualcell evaluate --dataset {wildcards.dataset} --shared {input.shared}"
-        " {params.simulators} --output {output.metrics} --figure {output.figure}"
+        "virtualcell evaluate --dataset {wildcards.dataset} --shared {input.shared} --space {params.space}"
+        " {params.simulators} --output {output.metrics} --fates {output.fates} --figure {output.figure}"
+        " --fate-figure {output.fate_figure}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

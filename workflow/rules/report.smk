@@ -1,6 +1,6 @@
 rule report:
     input:
-        simulator=f"{RESULTS}/{{dataset}}/simulate/{NO_HOLDOUT}/simulator.pt",
+        simulator=f"{RESULTS}/{{dataset}}/simulate/{NO_HOLDOUT}/seed{config['simulate']['seed']}/simulator.pt",
         shared=get_state,
         metrics=rules.evaluate.output.metrics,
     output:
@@ -12,7 +12,7 @@ rule report:
             labels={"dataset": "{dataset}"},
         ),
     params:
-        cfg=as_json({"register": config["mlflow"]["register"]}),
+        cfg=as_json({"register": config["mlflow"]["register"], "space": config["simulate"]["space"]}),
     conda:
         "../../envs/evaluate.yaml"
     log:

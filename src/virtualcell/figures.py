@@ -1,0 +1,143 @@
+"""Figures of the stages: what a user looks at in the report and in MLflow.
+
+Each function takes arrays or a fitted model and returns a matplotlib figure;
+the stages decide where it is written and logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from virtualcell.pairing import IMAGE, PATCH_SHAPE
+from virtualcell.io import COUNTS_LAYER, SPATIAL
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (jobs have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def patches(paired, *, n: int = 24):
+    """Image patches of ``n`` spots (evenly through the spots), titled with each spot's total counts."""
+    plt = pyplot()
+    shape = paired.mod[IMAGE].uns[PATCH_SHAPE]
+    spots = np.linspace(0, paired.n_obs - 1, num=min(n, paired.n_obs)).astype(int)
+    tiles = np.asarray(paired.mod[IMAGE].X)[spots].reshape(-1, *shape).transpose(0, 2, 3, 1)
+    totals = np.asarray(paired.mod[SPATIAL].layers[COUNTS_LAYER][spots].sum(axis=1)).ravel()
+    cols = 8
+    fig, axes = plt.subplots(-(-len(spots) // cols), cols, figsize=(cols * 1.2, 1.35 * -(-len(spots) // cols)),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, tile, total in zip(axes.ravel(), tiles, totals, strict=False):
+        ax.imshow(tile)
+        ax.set_title(f"{total:.0f}", fontsize=7)
+    fig.suptitle("tissue image patches paired with spots (title: counts in the spot)", fontsize=9)
+    return fig
+
+
+def _rollout(sim, start: np.ndarray, times: Sequence[float], n_steps: int) -> list[np.ndarray]:
+    path = [start]
+    for k, (t0, t1) in enumerate(zip(times[:-1], times[1:], strict=True)):
+        path.append(sim.simulate(path[-1], t0=float(t0), t1=float(t1), n_steps=max(n_steps // len(times), 5), seed=k))
+    return path
+
+
+def trajectories(sim, x: np.ndarray, t: np.ndarray, *, held: float | None, n_steps: int, space: str):
+    """Cells in the first two PCs of the state space, coloured by time, with simulated paths.
+
+    With a potential (a landscape), its height at the middle time is drawn beneath as contours:
+    simulated paths should roll down into its valleys.
+    """
+    from sklearn.decomposition import PCA
+
+    plt = pyplot()
+    pca = PCA(n_components=2, random_state=0).fit(x)
+    times = np.unique(t)
+    rng = np.random.default_rng(0)
+    start = x[t == times[0]]
+    start = start[rng.choice(len(start), size=min(30, len(start)), replace=False)]
+    path = _rollout(sim, start, times, n_steps)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    pc = pca.transform(x)
+    if sim.init_kwargs.get("potential"):
+        lo, hi = pc.min(0), pc.max(0)
+        gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 60), np.linspace(lo[1], hi[1], 60))
+        grid = pca.inverse_transform(np.column_stack([gx.ravel(), gy.ravel()]))
+        height = sim.potential(grid.astype(np.float32), float(np.median(times))).reshape(gx.shape)
+        cs = ax.contourf(gx, gy, height, levels=20, cmap="Greys", alpha=0.45)
+        fig.colorbar(cs, ax=ax, label="potential (landscape height)")
+    sca = ax.scatter(pc[:, 0], pc[:, 1], c=t, s=3, cmap="viridis", alpha=0.5)
+    if held is not None:
+        h = t == held
+        ax.scatter(pc[h, 0], pc[h, 1], s=3, c="crimson", alpha=0.5, label=f"held out t={held:g}")
+        ax.legend(loc="best")
+    lines = np.stack([pca.transform(p) for p in path], axis=1)
+    for line in lines:
+        ax.plot(line[:, 0], line[:, 1], color="black", linewidth=0.6, alpha=0.7)
+    fig.colorbar(sca, ax=ax, label="time")
+    kind = "stochastic" if sim.init_kwargs.get("stochastic") else "deterministic"
+    ax.set(xlabel=f"PC1 ({space.replace('_', ' ')} space)", ylabel="PC2", title=f"simulated trajectories ({kind})")
+    return fig
+
+
+def evaluation(metrics: Mapping[str, Any]):
+    """Held-out and extrapolated time points in pca5 against the baselines; retrieval; fates."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    sim = metrics.get("simulation")
+    if sim:
+        blocks = [(f"t={h}", v["w1_pca5"]) for h, v in sim["holdouts"].items()]
+        blocks += [(f"t={h} (extrap.)", v["w1_pca5"]) for h, v in sim.get("extrapolation", {}).items()]
+        methods = sorted({m for _, b in blocks for m in b}, key=lambda m: (m != "model", m))
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            axes[0].bar(np.arange(len(blocks)) + i * width, [b.get(method, np.nan) for _, b in blocks], width,
+                        label=method)
+        axes[0].set_xticks(np.arange(len(blocks)) + 0.4 - width / 2, [name for name, _ in blocks], fontsize=7)
+        axes[0].set(ylabel="W1 to held-out cells (pca5)", title="held-out time points")
+        axes[0].legend(fontsize=6)
+    for pair_name, align_metrics in metrics.get("alignment", {}).items():
+        names = ["top1", "top5", "foscttm"]
+        methods = list(align_metrics["top1"])
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            axes[1].bar(np.arange(len(names)) + i * width, [align_metrics[n][method] for n in names], width,
+                        label=method)
+        axes[1].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
+        axes[1].set(title=f"{pair_name} retrieval (test {'spots' if pair_name.endswith(IMAGE) else 'cells'})")
+        axes[1].legend(fontsize=7)
+    fate = metrics.get("fate")
+    if fate:
+        names = [n for n in ("pearson_r", "auroc_committed", "calibration_error") if n in fate]
+        methods = list(fate[names[0]])
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            axes[2].bar(np.arange(len(names)) + i * width, [fate[n][method] for n in names], width, label=method)
+        axes[2].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
+        axes[2].set(title="fate probabilities vs truth")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def fates(coords: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None, names: Sequence[str]):
+    """Cells in 2-D coloured by their predicted probability of each fate (and the true one beside)."""
+    plt = pyplot()
+    rows = 2 if truth is not None else 1
+    fig, axes = plt.subplots(rows, len(names), figsize=(3.3 * len(names), 3.0 * rows), squeeze=False)
+    for k, name in enumerate(names):
+        for r, (what, probs) in enumerate([("simulated", predicted), ("true", truth)][:rows]):
+            ax = axes[r, k]
+            sca = ax.scatter(coords[:, 0], coords[:, 1], c=probs[:, k], s=3, cmap="magma", vmin=0, vmax=1)
+            ax.set(title=f"P({name}), {what}", xticks=[], yticks=[])
+    fig.colorbar(sca, ax=axes, shrink=0.8, label="probability")
+    return fig
