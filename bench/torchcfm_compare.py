@@ -90,13 +90,15 @@ BASELINES = ("ot_interp", "copy_prev", "copy_next", "noise_floor", "oracle")
 # --------------------------------------------------------------------------- the budget
 SEEDS = (0, 1, 2)
 HOLDOUTS = (1.0, 2.0, 3.0, 4.0)
-# 200 epochs = 400 steps of 256 cells per time point per interval: the default config's simulate.epochs.
+# 200 epochs = 400 steps of 256 cells per time point per interval (the default config's simulate
+# budget when this was written; it has since become 60 epochs x 20 steps = 1,200 steps).
 # CPU per step, measured on the 2-core machine: torchcfm 0.06 s (it solves 4 exact 256 x 256 plans a
 # step), its full-plan variant 0.026 s (numpy draws pairs from 480 x 480 plans), ours 0.011-0.03 s
 # (plans of all cells solved once, pairs drawn by inverse CDF); 9 fitted methods x 4 holdouts x 3 seeds
-# is ~3.1 CPU-s per step of budget, so 400 steps on 2 cores is ~11 min, inside this bench's 15.
-# (Before the Simulator's full-data plans, 2026-12-02 02:14, ours cost 0.07-0.3 s a step too and the
-# budget had to be 75 epochs.) `--epochs` changes it.
+# is ~3.7 CPU-s per step of budget, so 400 steps on 2 cores is ~12.5 min, inside this bench's 15
+# (1,200 steps would be ~37). For the pipeline's budget on the like-for-like pair:
+# --epochs 600 --methods torchcfm_fullplan_w128 ours_ode. (Before the Simulator's full-data plans,
+# 5c96fa0, ours cost 0.07-0.3 s a step too and the budget had to be 75 epochs.)
 EPOCHS = 200
 QUICK_EPOCHS, QUICK_SEEDS = 5, (0,)
 BATCH_SIZE = 256
@@ -475,12 +477,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="fits at once, one torch thread each (default 2)")
     parser.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {EPOCHS})")
     parser.add_argument("--methods", nargs="+", default=None, help="only these fitted methods (default: all)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the fits a killed run journalled (same code and settings)")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"results JSON (default {OUT.relative_to(REPO)}; --quick: a temporary file)")
     args = parser.parse_args()
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
     seeds = QUICK_SEEDS if args.quick else SEEDS
     output = args.output or (Path(tempfile.gettempdir()) / "torchcfm_compare.quick.json" if args.quick else OUT)
+    output.parent.mkdir(parents=True, exist_ok=True)
 
     import torch
 
@@ -516,7 +521,22 @@ def main() -> None:
         base = {(h, s): baselines(data, h, s) for h in HOLDOUTS for s in seeds}
         # Interleaved (holdout, seed, method): methods see the same load on the shared cores.
         tasks = [(m, methods[m], h, s) for h in HOLDOUTS for s in seeds for m in methods]
+        # Every finished fit is appended to a journal beside the output; --resume takes the fits of a
+        # killed run whose code and settings match (the shared machine's other users end processes).
+        journal = output.with_suffix(".partial.jsonl")
+        key = {"epochs": epochs, "batch_size": BATCH_SIZE, "versions": info["versions"]}
         records = []
+        resumed = 0
+        if args.resume and journal.exists():
+            lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+            records = [r for r in lines if r.get("key") == key and "error" not in r and r["method"] in scored]
+            done = {(r["method"], r["held"], r["seed"]) for r in records}
+            # a fitted method is done when its own record is (its derived predictions came with it)
+            tasks = [task for task in tasks if (task[0], task[2], task[3]) not in done]
+            resumed = len(records)
+            print(f"[bench] resuming: {len(records)} records from {journal}, {len(tasks)} fits to go", flush=True)
+        elif journal.exists():
+            journal.unlink()
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = "1"  # the workers' BLAS: one thread each, like torch
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -526,6 +546,8 @@ def main() -> None:
             for k, fut in enumerate(as_completed(futures), 1):
                 for r in fut.result():
                     records.append(r)
+                    with journal.open("a") as handle:
+                        handle.write(json.dumps({**r, "key": key}) + "\n")
                     msg = r.get("error") or f"W1 {r['w1']:.3f}, {r['wall_s']:.1f} s, {r['grad_steps']} steps"
                     print(f"[bench] {k}/{len(tasks)} {r['method']} t={r['held']:g} seed {r['seed']}: {msg}",
                           flush=True)
@@ -538,6 +560,7 @@ def main() -> None:
         **info,
         "quick": bool(args.quick),
         "total_wall_s": round(time.perf_counter() - started, 1),
+        "resumed_records": resumed,  # > 0: total_wall_s covers only the resumed part of the run
         "data_s": round(data_s, 1),
         "data": {"source": "synthetic, config/config.yaml generator + qc defaults",
                  "cells_per_time": {f"{ti:g}": int((t == ti).sum()) for ti in np.unique(t)},
@@ -585,6 +608,7 @@ def main() -> None:
                                       "wall_s then overstates, cpu_s (the fit's own process time) does not")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1) + "\n")
+    journal.unlink(missing_ok=True)
     print(result["table"])
     print(f"[bench] wrote {output} in {result['total_wall_s']:.0f} s", flush=True)
 
