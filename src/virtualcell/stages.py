@@ -555,6 +555,8 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
                 metrics["fate"] = scores
             if fates:
                 io.write_h5ad(fate_data, fates)
+                run.log_artifact(fates, artifact_path="fates")
+                fates = None
             if fate_figure:
                 coords = fate_data.obsm[PCA5][:, :2]
                 truth = fate_data.obsm.get(TRUE_FATES)
@@ -562,6 +564,17 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
                                     None if truth is None else np.asarray(truth), list(fate_data.uns[FATE_NAMES]))
                 run.log_figure(fig, "fates.png")
                 io.write_figure(fig, fate_figure)
+                fate_figure = None
+    # The rule declares both files: without fates (evaluate.fate_rollouts: 0, no time points) they
+    # still exist, empty and saying why, so Snakemake finds its outputs.
+    if fates:
+        io.write_h5ad(ad.AnnData(uns={"note": "no fate probabilities: evaluate.fate_rollouts is 0 or no simulator"}),
+                      fates)
+    if fate_figure:
+        fig, ax = figures.pyplot().subplots(figsize=(4, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no fate probabilities\n(evaluate.fate_rollouts: 0, or no time points)", ha="center")
+        io.write_figure(fig, fate_figure)
     run.log_metrics(_flat_metrics(metrics))
     run.log_dict(metrics, "metrics.json")
     fig = figures.evaluation(metrics)
