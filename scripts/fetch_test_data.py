@@ -76,7 +76,27 @@ SCANPY = "scanpy-1.11.5"
 VISIUM = f"{SCANPY}/tests/_data/visium_data/1.0.0"
 TENX = f"{SCANPY}/tests/_data/10x_data"
 
+STATOT = "statot-0.0.14"
 ARCHIVES: dict[str, Archive] = {
+    "statot": Archive(
+        requirement="statot==0.0.14",
+        filename=f"{STATOT}.tar.gz",
+        sha256="c748921cc7168de39ac57bfef9eef9dde6f442b943dc940cc366fb222d65df6c",
+        members={
+            f"{STATOT}/examples/data/expr.npz": (
+                "ad87dac28c07a85388166d2a90b7313144bb0accff285cccedcfc51335bd6114",
+                2849008,
+            ),
+            f"{STATOT}/examples/data/obs.csv": (
+                "22367e89711d1325a07cdfcd75647f6af508c31772aacabec6df208dfa349b1b",
+                1773949,
+            ),
+            f"{STATOT}/examples/data/var.csv": (
+                "ee049d16ac795108bdb402700b00974b0637ea0df501974f206c8ffa958fd00e",
+                503205,
+            ),
+        },
+    ),
     "scvi-tools": Archive(
         requirement="scvi-tools==1.4.2",
         filename=f"{SCVI}.tar.gz",
@@ -263,6 +283,14 @@ DATASETS: dict[str, Dataset] = {
         "scanpy",
         f"{TENX}/1.2.0/filtered_gene_bc_matrices/hg19_chr21",
         "Cell Ranger 1.2 (legacy) mtx folder: matrix.mtx, genes.tsv, barcodes.tsv",
+    ),
+    # a developmental time course, as published (log values)
+    "arabidopsis_root": Dataset(
+        "statot",
+        f"{STATOT}/examples/data",
+        "Arabidopsis root scRNA-seq (statOT's example, from Shahan et al. 2022): 10,000 cells x 2,000 genes, "
+        "X = log1p of normalised counts (expr.npz, CSR parts), obs.csv with the developmental zone "
+        "(time.anno: Meristem, Elongation, Maturation), cell type and consensus time, var.csv",
     ),
     # in scanpy's wheel
     "pbmc68k_reduced.h5ad": Dataset(

@@ -18,7 +18,7 @@ from tests.services import clean_env, mlflow_server
 from virtualcell import tracking
 
 pytestmark = pytest.mark.workflow
-JOBS = ["ingest", "qc", "pair", "embed", "align", "simulate", "simulate", "simulate", "evaluate", "report"]
+JOBS = ["ingest", "qc", "pair", "embed", "align", "decode", "simulate", "simulate", "simulate", "evaluate", "report"]
 EXPERIMENT = "virtualcell-test"
 
 

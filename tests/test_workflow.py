@@ -24,7 +24,7 @@ from tests.conftest import REPO
 from virtualcell import tracking
 
 pytestmark = pytest.mark.workflow
-JOBS = ["ingest", "qc", "pair", "embed", "align", "simulate", "simulate", "simulate", "evaluate", "report"]
+JOBS = ["ingest", "qc", "pair", "embed", "align", "decode", "simulate", "simulate", "simulate", "evaluate", "report"]
 
 
 def snakemake(workdir: Path, *args: str, extra_configs=(), check=True) -> subprocess.CompletedProcess:
@@ -160,8 +160,8 @@ def test_rerun_after_simulate_edit_schedules_only_simulate_and_after(workflow_ru
 def test_rerun_after_qc_edit_schedules_qc_and_everything_after(workflow_run, tmp_path):
     override = _override(tmp_path, "qc:\n  min_genes: 21\n")
     jobs = scheduled(snakemake(workflow_run, "-n", extra_configs=[override]))
-    assert jobs == {"qc": 1, "pair": 1, "embed": 1, "align": 1, "simulate": 3, "evaluate": 1, "report": 1,
-                    "all": 1}
+    assert jobs == {"qc": 1, "pair": 1, "embed": 1, "align": 1, "decode": 1, "simulate": 3, "evaluate": 1,
+                    "report": 1, "all": 1}
 
 
 def test_a_failing_job_marks_its_run_and_the_workflow_failed(tmp_path):
@@ -247,14 +247,47 @@ def test_real_spatial_config_aligns_spots_with_their_image_patches(tmp_path):
     assert "qc/spatial.png" in {a.path for a in client.list_artifacts(by_rule["qc"], "qc")}
 
 
+def test_real_time_course_published_as_log_values_runs_end_to_end(tmp_path):
+    """config/real_timecourse.yaml as its header says (the file built by virtualcell.examples), on fewer
+    seeds and epochs: a real RNA-only series of log values, its interior time point held out and scored
+    in pca5 beside interpolation, the decoder's own floor and the other baselines."""
+    import yaml
+
+    done = subprocess.run([sys.executable, "-m", "virtualcell.examples", "arabidopsis_root",
+                           "data/arabidopsis_root.h5ad", "--cells-per-stage", "100"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = yaml.safe_load((REPO / "config" / "real_timecourse.yaml").read_text())
+    config["embed"]["epochs"] = 20
+    config["simulate"] |= {"epochs": 15, "decoder_epochs": 10, "n_hidden": 64}
+    config["evaluate"] |= {"seeds": 1, "fate_rollouts": 5, "n_steps": 20}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run_config(tmp_path, tmp_path / "config.yaml")
+    results = tmp_path / "results" / "arabidopsis_root"
+    qc = json.loads((results / "qc" / "qc.json").read_text())
+    assert qc["values"] == "log" and "doublets" in qc["modalities"]["rna"]["skipped"]
+    assert "Gaussian on log expression" in (tmp_path / "logs" / "arabidopsis_root" / "embed.log").read_text()
+    metrics = json.loads((results / "evaluate" / "metrics.json").read_text())
+    held = metrics["simulation"]["holdouts"]["1"]["w1_pca5"]
+    print("real time course, held-out elongation zone, W1 in pca5:", held)
+    assert {"model", "ot_interp", "copy_prev", "copy_next", "decoded_truth", "noise_floor"} <= set(held)
+    assert "oracle" not in held  # real data: no truth to sample
+    assert all(np.isfinite(v) and v > 0 for v in held.values())
+    fates = ad.read_h5ad(results / "evaluate" / "fates.h5ad")
+    np.testing.assert_allclose(fates.obsm["fate_probabilities"].to_numpy().sum(1), 1.0, atol=1e-6)
+    assert job_rules(tmp_path, "virtualcell-real-timecourse") == [
+        "decode", "embed", "evaluate", "ingest", "pair", "qc", "report", "simulate", "simulate", "simulate",
+        "workflow"]
+
+
 def test_rna_only_dataset_skips_the_alignment_and_simulates_in_the_rna_latent(tmp_path):
     """modalities: [rna] (time-resolved scRNA-seq without protein): no align job, the simulator and the
     evaluation run in the RNA encoder's latent space, and the model is still registered."""
     override = _override(tmp_path, "datasets:\n  synthetic:\n    modalities: [rna]\n"
                                    "mlflow:\n  experiment: rna-only\n")
     jobs = scheduled(snakemake(tmp_path, "-n", extra_configs=[override]))
-    assert jobs == {"ingest": 1, "qc": 1, "pair": 1, "embed": 1, "simulate": 3, "evaluate": 1, "report": 1,
-                    "all": 1}
+    assert jobs == {"ingest": 1, "qc": 1, "pair": 1, "embed": 1, "decode": 1, "simulate": 3, "evaluate": 1,
+                    "report": 1, "all": 1}
     snakemake(tmp_path, extra_configs=[override])
     results = tmp_path / "results" / "synthetic"
     metrics = json.loads((results / "evaluate" / "metrics.json").read_text())
@@ -328,7 +361,7 @@ mlflow:
     metrics = json.loads((results / "evaluate" / "metrics.json").read_text())
     assert set(metrics["simulation"]["holdouts"]) == {"2"}
     assert job_rules(tmp_path, "own-5000") == [
-        "embed", "evaluate", "ingest", "pair", "qc", "report", "simulate", "simulate", "workflow"]
+        "decode", "embed", "evaluate", "ingest", "pair", "qc", "report", "simulate", "simulate", "workflow"]
     # Snakemake's own benchmark record of each job: wall time and peak memory
     bench = pd.read_csv(tmp_path / "benchmarks" / "own" / "qc.tsv", sep="\t")
     assert bench["s"].iloc[0] > 0 and bench["max_rss"].iloc[0] > 0

@@ -24,7 +24,7 @@ from virtualcell.errors import InputError
 # The workflow passes config `checkpoint_every` this way, not as a rule param: how often a
 # job saves a checkpoint does not change its result, so changing it must not rerun jobs.
 ENV_CHECKPOINT_EVERY = "VIRTUALCELL_CHECKPOINT_EVERY"
-TRAINING_STAGES = ("embed", "align", "simulate")
+TRAINING_STAGES = ("embed", "align", "simulate", "decode")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -115,11 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--holdout")
     _add(p, "--seed", type=int, required=False, default=None, help="training seed (default: simulate.seed)")
     _add(p, "--input")
-    _add(p, "--expression", required=False, default=None,
-         help="the paired .h5mu whose log-normalised expression the decoder learns (with --decoder)")
     _add(p, "--output")
-    _add(p, "--decoder", required=False, default=None)
     _add(p, "--figure")
+
+    p = stage("decode", "fit the decoder of simulator states to log-normalised expression (one per dataset)")
+    _add(p, "--dataset")
+    _add(p, "--input", help="the states (shared.h5ad, or embeddings.h5ad without an alignment)")
+    _add(p, "--expression", help="the paired .h5mu whose log-normalised expression the decoder learns")
+    _add(p, "--output")
 
     p = stage("evaluate", "held-out time points and cross-modal retrieval against baselines")
     _add(p, "--dataset")
@@ -128,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="repeat per holdout and seed (seeds in order); none for data without time points")
     _add(p, "--space", required=False, default="embedding", choices=["embedding", "pca"],
          help="the space the simulators run in (simulate.space)")
+    _add(p, "--decoder", required=False, default=None,
+         help="the decode step's decoder.pt (simulators of the embedding space are judged through it)")
     _add(p, "--output")
     _add(p, "--fates", required=False, default=None, help="per-cell fate probabilities (.h5ad)")
     _add(p, "--figure")
@@ -172,13 +177,16 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
                                             model=args.model, figure=args.figure, params=p, device=device,
                                             run=run, checkpoint_every=every))
     if args.stage == "simulate":
-        return ("simulate", [f for f in (args.input, args.expression) if f],
-                [f for f in (args.output, args.decoder, args.figure) if f],
+        return ("simulate", [args.input], [args.output, args.figure],
                 wildcards | {"holdout": args.holdout} | ({} if args.seed is None else {"seed": str(args.seed)}),
-                lambda p, run: stages.simulate(input=args.input, expression=args.expression, holdout=args.holdout,
+                lambda p, run: stages.simulate(input=args.input, holdout=args.holdout,
                                                seed=p["seed"] if args.seed is None else args.seed,
-                                               output=args.output, decoder=args.decoder, figure=args.figure,
+                                               output=args.output, figure=args.figure,
                                                params=p, device=device, run=run, checkpoint_every=every))
+    if args.stage == "decode":
+        return ("simulate", [args.input, args.expression], [args.output], wildcards,
+                lambda p, run: stages.decode(input=args.input, expression=args.expression, output=args.output,
+                                             params=p, device=device, run=run, checkpoint_every=every))
     if args.stage == "evaluate":
         simulators = {}
         for item in args.simulator:
@@ -187,10 +195,12 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
                 raise InputError(f"--simulator {item}: expected HOLDOUT=PATH")
             simulators.setdefault(holdout, []).append(path)
         outputs = [f for f in (args.output, args.fates, args.figure, args.fate_figure) if f]
-        return ("evaluate", [args.shared, *(p for paths in simulators.values() for p in paths)], outputs, wildcards,
+        inputs = [args.shared, *(p for paths in simulators.values() for p in paths), *filter(None, [args.decoder])]
+        return ("evaluate", inputs, outputs, wildcards,
                 lambda p, run: stages.evaluate(shared=args.shared, simulators=simulators, output=args.output,
                                                figure=args.figure, dataset=args.dataset, params=p, run=run,
-                                               space=args.space, fates=args.fates, fate_figure=args.fate_figure))
+                                               space=args.space, fates=args.fates, fate_figure=args.fate_figure,
+                                               decoder=args.decoder))
     if args.stage == "report":
         return ("mlflow", [args.simulator, args.shared, args.metrics], [args.output, args.summary], wildcards,
                 lambda p, run: stages.register(simulator=args.simulator, shared=args.shared,

@@ -66,4 +66,10 @@ def validate_config(config: Mapping[str, Any], *, origin: str = "config", schema
                 "against config/README.md"
             )
         raise InputError(f"{origin}: config key {key}: {error.message}; see config/README.md")
+    for name, spec in filled["datasets"].items():
+        if spec["source"] == "synthetic" and spec.get("values", "counts") != "counts":
+            raise InputError(
+                f"{origin}: config key datasets.{name}.values: the synthetic generator measures counts; "
+                "remove values (or set it to counts)"
+            )
     return filled

@@ -33,6 +33,16 @@ ATAC = "atac"
 SPATIAL = "spatial"
 MODALITIES = (RNA, PROT, ATAC, SPATIAL)
 COUNTS_LAYER = "counts"
+# How the expression modality's values were measured (config datasets.<name>.values), kept in its
+# uns["values"]: raw counts (the default), normalised values (TPM, FPKM, CPM: log1p is taken) or
+# log-scale values (log-normalised matrices, qPCR: taken as they are). Non-count values are kept
+# as given in layers["values"]; count-only steps (scrublet, count filters, the NB likelihood) give
+# way to their continuous counterparts.
+VALUES = ("counts", "normalized", "log")
+VALUES_KEY = "values"
+VALUES_LAYER = "values"
+# log-scale values above this are almost surely not logged (log1p of 10^6 TPM is 13.8, log2 is 20)
+MAX_LOG_VALUE = 30.0
 H5AD = "h5ad"
 H5MU = "h5mu"
 # the root attribute anndata and mudata write, and the format it means
@@ -251,7 +261,7 @@ def read_dataset(name: str, spec: Mapping[str, Any]) -> md.MuData:
         elif source == "csv":
             mdata = readers.read_csv_counts(
                 path, metadata_path=spec.get("metadata_path"), protein_path=spec.get("protein_path"),
-                cells_as_rows=spec.get("cells_as_rows", True),
+                cells_as_rows=spec.get("cells_as_rows", True), rna_counts=spec.get("values", "counts") == "counts",
             )
         else:
             raise InputError(
@@ -300,18 +310,49 @@ def select_modalities(mdata: md.MuData, wanted: list[str], *, dataset: str, orig
     return out
 
 
+def values_of(adata: ad.AnnData) -> str:
+    """How a modality's values were measured: ``counts``, ``normalized`` or ``log`` (see :data:`VALUES`)."""
+    return str(adata.uns.get(VALUES_KEY, VALUES[0]))
+
+
+def raw_layer(adata: ad.AnnData) -> str:
+    """The layer holding a modality's values as ingested: ``counts``, or ``values`` for non-count data."""
+    return COUNTS_LAYER if values_of(adata) == VALUES[0] else VALUES_LAYER
+
+
 def harmonise(mdata: md.MuData, spec: Mapping[str, Any], *, origin: str) -> md.MuData:
-    """Standardise names, keep raw counts in a layer and check they are counts."""
+    """Standardise names, keep the values as ingested in a layer and check they are what the config says.
+
+    Raw counts (``values: counts``, the default) go to ``layers["counts"]``; the expression
+    modality's normalised or log values (``values: normalized | log``) to ``layers["values"]``,
+    with ``uns["values"]`` saying which. Other modalities are always counts.
+    """
     expression = expression_modality(mdata)
+    values = spec.get("values") or VALUES[0]
+    if values not in VALUES:
+        raise InputError(f"config datasets values: '{values}' is not one of {list(VALUES)}")
+    if values != VALUES[0] and expression != RNA:
+        raise InputError(
+            f"{origin}: values: {values} applies to cells' RNA; spatial spots must be counts (for a spatial "
+            ".h5ad that keeps log1p-normalised values set recover_counts: true and leave values: counts)"
+        )
     for mod_name in MODALITIES:
         if mod_name not in mdata.mod:
             continue
         adata = mdata.mod[mod_name]
-        counts = adata.layers[COUNTS_LAYER] if COUNTS_LAYER in adata.layers else adata.X
-        counts = sp.csr_matrix(counts, dtype=np.float32)
-        check_counts(counts, origin=f"{origin} [{mod_name}]")
-        adata.X = counts
-        adata.layers[COUNTS_LAYER] = counts.copy()
+        kind = values if mod_name == expression else VALUES[0]
+        layer = COUNTS_LAYER if kind == VALUES[0] else VALUES_LAYER
+        given = adata.layers[layer] if layer in adata.layers else adata.X
+        given = sp.csr_matrix(given, dtype=np.float32)
+        if kind == VALUES[0]:
+            check_counts(given, origin=f"{origin} [{mod_name}]")
+        else:
+            check_values(given, kind, origin=f"{origin} [{mod_name}]")
+            adata.uns[VALUES_KEY] = kind
+            # X was declared to hold the values; a counts layer beside it is not what was asked for.
+            adata.layers.pop(COUNTS_LAYER, None)
+        adata.X = given
+        adata.layers[layer] = given.copy()
         adata.var_names_make_unique()
         if adata.obs_names.has_duplicates:
             dup = adata.obs_names[adata.obs_names.duplicated()][0]
@@ -346,6 +387,23 @@ def harmonise(mdata: md.MuData, spec: Mapping[str, Any], *, origin: str) -> md.M
     return mdata
 
 
+def check_values(x: sp.csr_matrix, kind: str, *, origin: str) -> None:
+    """Normalised values must be finite and non-negative; log values finite and on a log scale."""
+    data = x.data
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{origin}: values contain NaN or infinite entries; replace them (e.g. with 0) first")
+    if kind == "normalized" and (data < 0).any():
+        raise InputError(
+            f"{origin}: normalised values (values: normalized, e.g. TPM) contain negative entries; for "
+            "log-scale data set values: log, and scaled (z-scored) data cannot be used: provide unscaled values"
+        )
+    if kind == "log" and data.size and float(data.max()) > MAX_LOG_VALUE:
+        raise InputError(
+            f"{origin}: values: log, but the largest value is {float(data.max()):.4g} (log-scale expression "
+            f"stays below {MAX_LOG_VALUE:g}); for TPM/FPKM-like tables set values: normalized"
+        )
+
+
 def check_counts(counts: sp.csr_matrix, *, origin: str) -> None:
     """Counts must be finite, non-negative integers."""
     data = counts.data
@@ -355,5 +413,6 @@ def check_counts(counts: sp.csr_matrix, *, origin: str) -> None:
         raise InputError(f"{origin}: counts contain negative values; provide raw (unnormalised) counts")
     if not np.all(np.equal(np.mod(data, 1), 0)):
         raise InputError(
-            f"{origin}: counts are not integers (normalised data?); provide raw counts or put them in layers['counts']"
+            f"{origin}: counts are not integers (normalised data?); provide raw counts or put them in "
+            "layers['counts'], or declare the values (config datasets.<name>.values: normalized or log)"
         )

@@ -36,7 +36,7 @@ import scipy.sparse as sp
 from scipy.stats import median_abs_deviation
 
 from virtualcell.errors import InputError
-from virtualcell.io import ATAC, COUNTS_LAYER, PROT, RNA, SPATIAL, expression_modality
+from virtualcell.io import ATAC, COUNTS_LAYER, PROT, RNA, SPATIAL, expression_modality, raw_layer, values_of
 from virtualcell.readers import LIBRARY_KEY, SCALEFACTOR_OF_IMAGE
 
 MT_PREFIXES = ("MT-", "mt-")
@@ -214,11 +214,16 @@ def run_qc(
 
     if RNA in mdata.mod:
         rna = mdata.mod[RNA].copy()
+        counts = values_of(rna) == "counts"
+        # Non-count values (TPM, log expression) have no library size, no count-scale % mitochondrial
+        # and no doublet model: those steps are skipped, and the summary says so.
+        skipped = {} if counts else {step: f"values: {values_of(rna)} (needs raw counts)" for step in COUNT_ONLY_STEPS}
         add_expression_metrics(rna)
         chain = FilterChain(rna.obs, unit="cell", origin=origin)
         chain.at_least("min_genes", rna.obs["n_genes_by_counts"], min_genes)
-        chain.at_least("min_counts", rna.obs["total_counts"], min_counts)
-        chain.at_most("max_pct_mt", rna.obs["pct_counts_mt"], max_pct_mt)
+        if counts:
+            chain.at_least("min_counts", rna.obs["total_counts"], min_counts)
+            chain.at_most("max_pct_mt", rna.obs["pct_counts_mt"], max_pct_mt)
         unknown = sorted(set(mad or {}) - set(MAD_DEFAULTS))
         if unknown:
             raise InputError(f"qc.mad.{unknown[0]}: not a MAD metric; use {', '.join(MAD_DEFAULTS)}")
@@ -226,7 +231,7 @@ def run_qc(
         # depend on how the keys were written.
         for metric in [m for m in MAD_DEFAULTS if m in (mad or {})]:
             n_mads = mad[metric]
-            if n_mads is not None:
+            if n_mads is not None and f"mad.{metric}" not in skipped:
                 outlier = mad_outliers(rna.obs[metric], batch=chain.batch, n_mads=n_mads,
                                        log1p=metric in MAD_ON_LOG1P, upper_only=metric in MAD_UPPER_ONLY)
                 chain.apply(f"mad.{metric}", ~outlier, rna.obs[metric], n_mads, metric=metric)
@@ -238,7 +243,7 @@ def run_qc(
                 chain.at_most("prot.max_isotype_counts", proteins.obs[ISOTYPE_COUNTS].reindex(rna.obs_names),
                               prot_cfg.max_isotype_counts, metric=f"protein {ISOTYPE_COUNTS}")
         doublet_report: dict[str, Any] = {"detected": False}
-        if doublet_cfg.detect:
+        if doublet_cfg.detect and counts:
             doublet_report = score_doublets(rna, cells=chain.keep, batch=chain.batch, settings=doublet_cfg,
                                             origin=origin)
             if doublet_cfg.remove:
@@ -246,6 +251,8 @@ def run_qc(
                             True, metric=DOUBLET_SCORE)
         rna = rna[chain.keep].copy()
         report[RNA] = _finish_expression(rna, chain, name=RNA, **features) | {"doublets": doublet_report}
+        if skipped:
+            report[RNA]["skipped"] = skipped
         mods[RNA] = rna
         if proteins is not None:
             proteins = proteins[rna.obs_names].copy()
@@ -303,6 +310,7 @@ def run_qc(
     main = report[expression]
     summary = {
         "expression_modality": expression,
+        "values": main["values"],
         "cells_in": main["cells_in"],
         "cells_out": main["cells_out"],
         "removed_by_filter_per_batch": main["removed_by_filter_per_batch"],
@@ -399,35 +407,54 @@ def mad_outliers(values: pd.Series, *, batch: pd.Series, n_mads: float, log1p: b
 # ---------------------------------------------------------------------------
 # expression: cells (rna) and spots (spatial)
 
+# The RNA steps that need raw counts, skipped (and reported) for normalised or log values.
+COUNT_ONLY_STEPS = ("min_counts", "max_pct_mt", "mad.total_counts", "mad.pct_counts_mt", "doublets")
+
 
 def add_expression_metrics(adata: ad.AnnData) -> None:
-    """scanpy's QC metrics on the counts: ``obs`` counts, genes, % mitochondrial and ribosomal."""
+    """scanpy's QC metrics on the counts: ``obs`` counts, genes, % mitochondrial and ribosomal.
+
+    For non-count values (``uns["values"]``) they are computed on the values as ingested: genes
+    detected keep their meaning, the sums ("total_counts") are sums of those values.
+    """
     adata.var["mt"] = adata.var_names.str.startswith(MT_PREFIXES)
     adata.var["ribo"] = adata.var_names.str.startswith(RIBO_PREFIXES)
     sc.pp.calculate_qc_metrics(
-        adata, qc_vars=["mt", "ribo"], percent_top=None, log1p=False, inplace=True, layer=COUNTS_LAYER
+        adata, qc_vars=["mt", "ribo"], percent_top=None, log1p=False, inplace=True, layer=raw_layer(adata)
     )
 
 
 def _finish_expression(adata: ad.AnnData, chain: FilterChain, *, name: str, min_cells: int, n_top_genes: int,
                        target_sum: float, origin: str) -> dict[str, Any]:
-    """Gene filter, highly variable genes and log-normalisation of the kept cells (spots), in place."""
+    """Gene filter, highly variable genes and log-normalisation of the kept cells (spots), in place.
+
+    Counts: seurat_v3 HVGs on the counts, then ``normalize_total`` and ``log1p``. Normalised values
+    (TPM, FPKM): ``log1p``, then scanpy's ``seurat`` flavour of HVGs (which expects log data). Log
+    values: taken as they are, ``seurat`` HVGs.
+    """
     genes_in = adata.n_vars
-    adata.X = adata.layers[COUNTS_LAYER].copy()
+    values = values_of(adata)
+    adata.X = adata.layers[raw_layer(adata)].copy()
     sc.pp.filter_genes(adata, min_cells=min_cells)
     if adata.n_vars == 0:
         raise InputError(f"{origin}: QC filter qc.min_cells={min_cells} removes every gene of {name}; lower it")
+    if values == "normalized":
+        sc.pp.log1p(adata)
     if n_top_genes >= adata.n_vars:
         # Every gene is kept, so there is nothing to rank; and seurat_v3's loess fit fails on
         # panels of ~100 genes (targeted or test data), so it is not run.
         adata.var["highly_variable"] = True
-    else:
+    elif values == "counts":
         sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top_genes, layer=COUNTS_LAYER)
-    sc.pp.normalize_total(adata, target_sum=target_sum)
-    sc.pp.log1p(adata)
-    # Recorded so that cells measured elsewhere (the generator's oracle, decoded cells) are normalised alike.
-    adata.uns["normalize_total"] = {"target_sum": float(target_sum)}
+    else:
+        sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=n_top_genes)
+    if values == "counts":
+        sc.pp.normalize_total(adata, target_sum=target_sum)
+        sc.pp.log1p(adata)
+        # Recorded so that cells measured elsewhere (the generator's oracle, decoded cells) are normalised alike.
+        adata.uns["normalize_total"] = {"target_sum": float(target_sum)}
     return {
+        "values": values,
         "cells_in": len(chain.keep),
         "cells_out": int(adata.n_obs),
         "removed_by_filter_per_batch": chain.removed,

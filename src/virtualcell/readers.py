@@ -681,6 +681,7 @@ def read_csv_counts(
     metadata_path: str | Path | None = None,
     cells_as_rows: bool = True,
     protein_path: str | Path | None = None,
+    rna_counts: bool = True,
 ) -> md.MuData:
     """Read a dense count table (CSV or TSV, optionally gzipped), with cell metadata.
 
@@ -700,14 +701,18 @@ def read_csv_counts(
     protein_path
         A protein (antibody-derived tag) count table in the same layout and of
         the same cells, read into ``prot``.
+    rna_counts
+        ``False`` for a table of normalised or log values (TPM, FPKM, log expression, qPCR):
+        they are read as numbers, not checked to be integer counts (``io.harmonise`` checks them
+        against the config's ``values``).
 
     Returns
     -------
-    ``rna`` (and ``prot``): ``X`` raw counts (float32 CSR); ``obs`` the
+    ``rna`` (and ``prot``): ``X`` raw counts (float32 CSR), or the table's values; ``obs`` the
     metadata columns.
     """
     path = Path(path)
-    rna = _read_table_counts(path, cells_as_rows=cells_as_rows)
+    rna = _read_table_counts(path, cells_as_rows=cells_as_rows, counts=rna_counts)
     mods = {RNA: rna}
     if protein_path is not None:
         protein_path = Path(protein_path)
@@ -740,7 +745,7 @@ def read_csv_counts(
     return md.MuData(mods)
 
 
-def _read_table_counts(path: Path, *, cells_as_rows: bool) -> ad.AnnData:
+def _read_table_counts(path: Path, *, cells_as_rows: bool, counts: bool = True) -> ad.AnnData:
     table = _read_table(path, keep_na_text=True)  # "NA", "n/a" or an empty cell in a count table is an error
     if not cells_as_rows:
         table = table.T
@@ -757,7 +762,8 @@ def _read_table_counts(path: Path, *, cells_as_rows: bool) -> ad.AnnData:
         )
     obs_names = table.index.astype(str)
     adata = ad.AnnData(
-        X=_counts_csr(numeric.to_numpy(dtype=np.float64), origin=str(path)),
+        X=(_counts_csr(numeric.to_numpy(dtype=np.float64), origin=str(path)) if counts
+           else sp.csr_matrix(numeric.to_numpy(dtype=np.float32))),
         obs=pd.DataFrame(index=obs_names),
         var=pd.DataFrame(index=table.columns.astype(str)),
     )

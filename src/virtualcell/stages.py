@@ -205,6 +205,12 @@ def qc(*, input: str, output: str, summary: str, figures: str, params: Mapping[s
     mdata = io.read_h5mu(input)
     say("qc on " + ", ".join(f"{name} {a.n_obs} x {a.n_vars}" for name, a in mdata.mod.items()))
     filtered, result = run_qc(mdata, origin=input, **params)
+    run.set_tags({"qc.values": result["values"]})
+    skipped = result["modalities"].get(RNA, {}).get("skipped")
+    if skipped:
+        say(f"qc: values: {result['values']}, not counts: skipped {', '.join(skipped)} (they need raw counts); "
+            "highly variable genes by scanpy's seurat flavour on log values")
+        run.set_tags({"qc.skipped": ", ".join(skipped)})
     run.log_metrics({f"qc.{k}": v for k, v in result.items()})
     run.log_dict(result, "qc.json")
     drawn = qc_figures(mdata, filtered, params)
@@ -240,17 +246,21 @@ def pair(*, input: str, output: str, split: str, params: Mapping[str, Any], run:
         f"{counts.to_dict()}")
 
 
-def _model_inputs(paired) -> tuple[Any, Any, pd.DataFrame]:
-    """Expression counts (HVGs) of cells or spots, protein counts when there are any, and the obs carried on.
+def _model_inputs(paired) -> tuple[Any, Any, pd.DataFrame, str]:
+    """Expression counts (HVGs) of cells or spots, protein counts when there are any, the obs carried on,
+    and the RNA block's likelihood.
 
     Counts stay sparse (CSR) when stored sparse: the encoders densify a minibatch of rows at a time.
+    Normalised or log values (``datasets.<name>.values``) have no counts: the encoder reads QC's log
+    expression and models it with a Gaussian likelihood.
     """
     rna = paired.mod[io.expression_modality(paired)]
     hvg = rna.var["highly_variable"].to_numpy() if "highly_variable" in rna.var else slice(None)
-    x_rna = _counts(rna.layers[COUNTS_LAYER][:, hvg])
+    counts = io.values_of(rna) == "counts"
+    x_rna = _counts((rna.layers[COUNTS_LAYER] if counts else rna.X)[:, hvg])
     x_prot = _counts(paired.mod[PROT].layers[COUNTS_LAYER]) if PROT in paired.mod else None
     obs = rna.obs[[c for c in CARRIED_OBS if c in rna.obs]].copy()
-    return x_rna, x_prot, obs
+    return x_rna, x_prot, obs, "nb" if counts else "gaussian"
 
 
 def _counts(x: Any) -> Any:
@@ -266,7 +276,7 @@ def _reference_space(paired, out: ad.AnnData) -> None:
     rna = paired.mod[io.expression_modality(paired)]
     hvg = rna.var["highly_variable"].to_numpy() if "highly_variable" in rna.var else np.ones(rna.n_vars, bool)
     target_sum = rna.uns.get("normalize_total", {}).get("target_sum")
-    ref = reference.fit(rna.X[:, hvg], rna.var_names[hvg], target_sum=target_sum)
+    ref = reference.fit(rna.X[:, hvg], rna.var_names[hvg], target_sum=target_sum, values=io.values_of(rna))
     out.obsm[PCA5] = reference.project(rna.X[:, hvg], ref).astype(np.float32)
     out.uns[reference.KEY] = reference.to_uns(ref) | {"all_genes": np.asarray(rna.var_names, dtype=str)}
     if synthetic.LATENT_KEY in rna.obsm:
@@ -294,23 +304,31 @@ def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: 
     if params["method"] != "nb_vae":
         raise InputError(f"config embed.method: unknown method '{params['method']}'; use nb_vae")
     paired = io.read_h5mu(input)
-    x_rna, x_prot, obs = _model_inputs(paired)
+    x_rna, x_prot, obs, likelihood = _model_inputs(paired)
+    if likelihood != "nb":
+        values = io.values_of(paired.mod[io.expression_modality(paired)])
+        say(f"embed: values: {values} (no counts): the RNA likelihood is Gaussian on log expression, not the "
+            "negative binomial on counts")
+    run.set_tags({"embed.rna_likelihood": likelihood})
     train = (obs["split"] == "train").to_numpy()
     val = (obs["split"] == "val").to_numpy()
     module_kwargs = {k: params[k] for k in ("n_latent", "n_hidden", "n_layers", "dropout")}
     fit_kwargs = {k: params[k] for k in ("epochs", "batch_size", "lr", "seed")}
-    blocks = {"rna": (x_rna, [x_rna.shape[1]], rna_model, EMBED_RNA)}
+    blocks = {"rna": (x_rna, [x_rna.shape[1]], [likelihood], rna_model, EMBED_RNA)}
     if x_prot is not None and params["joint"]:
         joint = (sp.hstack([x_rna, x_prot], format="csr") if sp.issparse(x_rna) or sp.issparse(x_prot)
                  else np.concatenate([x_rna, x_prot], axis=1))
-        blocks["joint"] = (joint, [x_rna.shape[1], x_prot.shape[1]], joint_model, EMBED_JOINT)
+        blocks["joint"] = (joint, [x_rna.shape[1], x_prot.shape[1]], [likelihood, "nb"], joint_model, EMBED_JOINT)
     out = ad.AnnData(obs=obs)
     _reference_space(paired, out)
     histories = {}
     checkpoints = []
-    for name, (x, sizes, path, key) in blocks.items():
-        say(f"embed: training the {name} NB-VAE on {int(train.sum())} cells x {x.shape[1]} features")
-        model = CountEncoder(sizes, **module_kwargs)
+    for name, (x, sizes, likelihoods, path, key) in blocks.items():
+        say(f"embed: training the {name} VAE ({' + '.join(likelihoods)} likelihood) on {int(train.sum())} cells x "
+            f"{x.shape[1]} features")
+        # An all-count model keeps its saved settings as before (no likelihoods key).
+        extra = {} if set(likelihoods) == {"nb"} else {"likelihoods": likelihoods}
+        model = CountEncoder(sizes, **module_kwargs, **extra)
         checkpoints.append(checkpoint_file(path, every=checkpoint_every, arrays=[x[train], x[val]],
                                            settings={"params": params, "network": _network(model)}))
         histories[name] = _fit(
@@ -330,7 +348,7 @@ def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: 
         ax.plot([h["loss"] for h in history], label=f"{name} train")
         if "val_loss" in history[0]:
             ax.plot([h["val_loss"] for h in history], "--", label=f"{name} val")
-    ax.set(xlabel="epoch", ylabel="loss (NB NLL + KL)", yscale="log", title="embedding training")
+    ax.set(xlabel="epoch", ylabel="loss (NLL + KL)", yscale="log", title="embedding training")
     ax.legend()
     run.log_figure(fig, "embed_loss.png")
     io.write_figure(fig, figure)
@@ -455,15 +473,10 @@ SIMULATE_METHODS = ("ot_cfm", "sf2m")
 
 
 def simulate(*, input: str, holdout: str, seed: int, output: str, figure: str, params: Mapping[str, Any],
-             device: str, run: JobRun, checkpoint_every: int = 0, expression: str | None = None,
-             decoder: str | None = None) -> None:
-    """Fit the simulator (one seed, one held-out time point or none), and, given the paired expression,
-    its decoder to log-normalised expression (written to ``decoder``)."""
-    from virtualcell.models.decoder import ExpressionDecoder
+             device: str, run: JobRun, checkpoint_every: int = 0) -> None:
+    """Fit the simulator: one seed, one held-out time point (or the last, or none)."""
     from virtualcell.models.dynamics import Simulator
 
-    if (expression is None) != (decoder is None):
-        raise InputError("simulate: give --expression and --decoder together (the decoder learns that expression)")
     if params["method"] not in SIMULATE_METHODS:
         raise InputError(f"config simulate.method: unknown method '{params['method']}'; use one of "
                          f"{list(SIMULATE_METHODS)}")
@@ -494,33 +507,55 @@ def simulate(*, input: str, holdout: str, seed: int, output: str, figure: str, p
     fig = figures.trajectories(sim, x, t, held=held, n_steps=params["n_steps"], space=space)
     run.log_figure(fig, "trajectories.png")
     io.write_figure(fig, figure)
-    if expression is None:
-        return
-    # The decoder from the simulator's space to log-normalised expression, on the training cells
-    # the simulator saw: how a state speaks genes, and how it reaches pca5 to be judged.
+
+
+# The simulate settings the decoder uses (its rule passes only these, so changing the dynamics'
+# settings does not refit it).
+DECODER_PARAMS = ("decoder_epochs", "steps_per_epoch", "batch_size", "lr", "n_hidden", "seed")
+
+
+def decode(*, input: str, expression: str, output: str, params: Mapping[str, Any], device: str, run: JobRun,
+           checkpoint_every: int = 0) -> None:
+    """Fit the decoder from the simulator's state space to log-normalised expression (the HVGs): how a
+    simulated state speaks genes, and how it reaches pca5 to be judged.
+
+    One per dataset, on the training split's cells of every time point, as the embedding it decodes
+    and the pca5 projection are fitted on all cells: the representation sees every time point, the
+    dynamics never see a held-out one. The validation split's cells report ``val_loss``.
+    """
+    from virtualcell.models.decoder import ExpressionDecoder
+
+    shared = io.read_h5ad(input)
+    space, x = state_of(shared, "embedding")
     paired = io.read_h5mu(expression)
     rna = paired.mod[io.expression_modality(paired)][shared.obs_names]
     hvg = rna.var["highly_variable"].to_numpy() if "highly_variable" in rna.var else np.ones(rna.n_vars, bool)
     expr = _counts(rna.X[:, hvg])
     split = shared.obs["split"].to_numpy()
-    fit_cells, val_cells = keep & (split == "train"), keep & (split == "val")
-    say(f"simulate: decoder {space} -> {int(hvg.sum())} log-normalised genes on {int(fit_cells.sum())} cells")
+    fit_cells, val_cells = split == "train", split == "val"
+    say(f"decode: {space} -> {int(hvg.sum())} log-normalised genes on {int(fit_cells.sum())} training cells of "
+        f"every time point")
     dec = ExpressionDecoder(x.shape[1], int(hvg.sum()), n_hidden=params["n_hidden"])
-    _fit(functools.partial(dec.fit, x[fit_cells], expr[fit_cells], z_val=x[val_cells] if val_cells.any() else None,
+    checkpoint = checkpoint_file(output, every=checkpoint_every, arrays=[x[fit_cells], expr[fit_cells]],
+                                 settings={"params": params, "network": _network(dec)})
+    _fit(functools.partial(dec.fit, x[fit_cells], expr[fit_cells],
+                           z_val=x[val_cells] if val_cells.any() else None,
                            x_val=expr[val_cells] if val_cells.any() else None, epochs=params["decoder_epochs"],
-                           batch_size=params["batch_size"], lr=params["lr"], seed=seed, device=device),
-         run=run, prefix="simulate.decoder", checkpoint=None, every=0)
-    io.atomic_write(decoder, dec.save)
-    run.log_artifact(decoder, artifact_path="models")
+                           steps_per_epoch=params["steps_per_epoch"], batch_size=params["batch_size"],
+                           lr=params["lr"], seed=params["seed"], device=device),
+         run=run, prefix="decode", checkpoint=checkpoint, every=checkpoint_every)
+    io.atomic_write(output, dec.save)
+    run.log_artifact(output, artifact_path="models")
+    remove_checkpoints(checkpoint)
 
 
 def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: str, figure: str, dataset: str,
              params: Mapping[str, Any], run: JobRun, space: str = "embedding", fates: str | None = None,
-             fate_figure: str | None = None) -> None:
+             fate_figure: str | None = None, decoder: str | None = None) -> None:
     """metrics.json: retrieval against CCA, simulation against baselines in pca5, fates against the truth.
 
     ``simulators`` maps each holdout (``none`` included) to its simulator files, one per seed, in
-    seed order; each has its decoder beside it (``decoder.pt``).
+    seed order. ``decoder`` (:func:`decode`) takes simulators of the embedding space to pca5.
     """
     from virtualcell import evaluate as ev
 
@@ -548,7 +583,7 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
 
     if any(h != NO_HOLDOUT for h in simulators):
         metrics["simulation"], fate = _score_simulators(data, simulators, params=params, space=space,
-                                                        origin=shared)
+                                                        origin=shared, decoder=decoder)
         if fate is not None:
             scores, fate_data = fate
             if scores:
@@ -589,17 +624,24 @@ FATE_NAMES = "fate_names"
 
 
 def _score_simulators(data: ad.AnnData, simulators: Mapping[str, Sequence[str]], *, params: Mapping[str, Any],
-                      space: str, origin: str):
+                      space: str, origin: str, decoder: str | None):
     from virtualcell import evaluate as ev
     from virtualcell import timecourse as tc
+    from virtualcell.models.decoder import ExpressionDecoder
+    from virtualcell.models.dynamics import Simulator
 
     obs = data.obs
     state_name, x = state_of(data, space)
     x = x.astype(np.float64)
     t = obs["time"].to_numpy(dtype=float)
     times = observed_times(obs, origin=origin)
-    models = {path: _load_simulator(path, need_decoder=state_name != reference.SPACE)
-              for paths in simulators.values() for path in paths}
+    models = {path: io.read_model(Simulator, path) for paths in simulators.values() for path in paths}
+    dec = None
+    if state_name != reference.SPACE:
+        if decoder is None:
+            raise InputError(f"evaluate: simulators of the {state_name} space need --decoder (the decode step's "
+                             "decoder.pt) to be judged in pca5")
+        dec = io.read_model(ExpressionDecoder, decoder)
     if PCA5 not in data.obsm or reference.KEY not in data.uns:
         raise InputError(f"{origin}: no pca5 coordinates (obsm '{PCA5}'); it was written by an older version: "
                          "rerun the embed step (snakemake --forcerun embed)")
@@ -609,11 +651,8 @@ def _score_simulators(data: ad.AnnData, simulators: Mapping[str, Sequence[str]],
     scorer = tc.Scorer(data.obsm[PCA5], x, t, space=state_name, oracle=oracle, max_points=params["max_points"])
     n_steps, base_seed, mp = params["n_steps"], params["seed"], params["max_points"]
 
-    def load(path: str):
-        return models[path]
-
-    def to_pca(states: np.ndarray, dec, s: int) -> np.ndarray:
-        if state_name == reference.SPACE:
+    def to_pca(states: np.ndarray, s: int) -> np.ndarray:
+        if dec is None:
             return states
         return reference.project(dec.decode(states.astype(np.float32), sample=True, seed=s), ref)
 
@@ -626,17 +665,21 @@ def _score_simulators(data: ad.AnnData, simulators: Mapping[str, Sequence[str]],
         section["n_seeds"] = len(paths)
         if held is None:
             if params["fate_rollouts"] > 0:
-                fate = _score_fates(data, [load(p)[0] for p in paths], x=x, t=t, times=times, seeds=seeds,
+                fate = _score_fates(data, [models[p] for p in paths], x=x, t=t, times=times, seeds=seeds,
                                     params=params)
             continue
         last = held == times[-1]
         prev = times[times < held].max()
         runs, rollouts = [], []
         for path, s in zip(paths, seeds, strict=True):
-            sim, dec = load(path)
+            sim = models[path]
             pred_x = sim.simulate(scorer.at(prev, state=True).astype(np.float32), t0=float(prev), t1=float(held),
                                   n_steps=n_steps, seed=s).astype(np.float64)
-            predictions = {"model": (to_pca(pred_x, dec, s), pred_x)}
+            predictions = {"model": (to_pca(pred_x, s), pred_x)}
+            if dec is not None:
+                # The held-out cells' own states through the decoder: what decoding alone costs, the
+                # floor of any model of the embedding space judged in pca5 (a paired comparison).
+                predictions["decoded_truth"] = (to_pca(scorer.at(held, state=True), s), None)
             n = int((t == held).sum())
             zp, xp = scorer.at(prev), scorer.at(prev, state=True)
             if last:
@@ -667,7 +710,7 @@ def _score_simulators(data: ad.AnnData, simulators: Mapping[str, Sequence[str]],
                 for later in times[1:]:
                     end = sim.simulate(start, t0=float(times[0]), t1=float(later), n_steps=n_steps,
                                        seed=s).astype(np.float64)
-                    scores = scorer.score(later, {"model": (to_pca(end, dec, s), end),
+                    scores = scorer.score(later, {"model": (to_pca(end, s), end),
                                                   "copy_first": (scorer.at(times[0]), start)}, seed=s)
                     rollouts[-1][holdout_label(later)] = {f"w1_{reference.SPACE}": scores[f"w1_{reference.SPACE}"]}
         summary = tc.summarise(runs)
@@ -689,19 +732,6 @@ def _score_simulators(data: ad.AnnData, simulators: Mapping[str, Sequence[str]],
     return section, fate
 
 
-def _load_simulator(path: str, *, need_decoder: bool):
-    """A simulator file and the decoder beside it (None when not needed: a simulator in pca5)."""
-    from virtualcell.models.decoder import ExpressionDecoder
-    from virtualcell.models.dynamics import Simulator
-
-    sim = io.read_model(Simulator, path)
-    decoder = Path(path).with_name(DECODER)
-    if not need_decoder and not decoder.exists():
-        return sim, None
-    return sim, io.read_model(ExpressionDecoder, decoder)
-
-
-DECODER = "decoder.pt"  # beside each simulator.pt
 
 
 def _score_fates(data: ad.AnnData, sims: Sequence[Any], *, x: np.ndarray, t: np.ndarray, times: np.ndarray,

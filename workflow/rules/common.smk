@@ -8,7 +8,7 @@ from virtualcell import tracking
 from virtualcell.cli import ENV_CHECKPOINT_EVERY
 from virtualcell.config import validate_config
 from virtualcell.errors import InputError
-from virtualcell.stages import LAST, NO_HOLDOUT, check_holdouts, holdout_label, partner_modality
+from virtualcell.stages import DECODER_PARAMS, LAST, NO_HOLDOUT, check_holdouts, holdout_label, partner_modality
 
 try:
     # In place: Snakemake keeps its own reference to this dict.
@@ -130,6 +130,13 @@ def get_simulators(wildcards):
         h: [f"{RESULTS}/{wildcards.dataset}/simulate/{h}/seed{s}/simulator.pt" for s in get_seeds()]
         for h in get_holdouts(wildcards.dataset)
     }
+
+
+def get_decoder(wildcards):
+    """The decoder evaluate judges embedding-space simulators through ([] for simulate.space pca or no time)."""
+    if config["simulate"]["space"] == "pca" or not get_holdouts(wildcards.dataset):
+        return []
+    return [f"{RESULTS}/{wildcards.dataset}/simulate/decoder.pt"]
 
 
 def simulator_args(wildcards):

@@ -2,6 +2,7 @@ rule evaluate:
     input:
         shared=get_state,
         simulators=lambda wc: [p for paths in get_simulators(wc).values() for p in paths],
+        decoder=get_decoder,
     output:
         metrics=f"{RESULTS}/{{dataset}}/evaluate/metrics.json",
         fates=f"{RESULTS}/{{dataset}}/evaluate/fates.h5ad",
@@ -21,6 +22,7 @@ rule evaluate:
         cfg=as_json(config["evaluate"]),
         space=config["simulate"]["space"],
         simulators=simulator_args,
+        decoder=lambda wc, input: f"--decoder {input.decoder[0]}" if input.decoder else "",
     conda:
         "../../envs/evaluate.yaml"
     log:
@@ -33,6 +35,6 @@ rule evaluate:
         runtime=res("evaluate", "runtime", 30),
     shell:
         "virtualcell evaluate --dataset {wildcards.dataset} --shared {input.shared} --space {params.space}"
-        " {params.simulators} --output {output.metrics} --fates {output.fates} --figure {output.figure}"
+        " {params.simulators} {params.decoder} --output {output.metrics} --fates {output.fates} --figure {output.figure}"
         " --fate-figure {output.fate_figure}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

@@ -203,6 +203,7 @@ class ExpressionDecoder(BaseModel):
         x_val=None,
         epochs: int = 100,
         batch_size: int = 256,
+        steps_per_epoch: int | None = None,
         lr: float = 1e-3,
         device: str = "auto",
         seed: int = 0,
@@ -224,6 +225,10 @@ class ExpressionDecoder(BaseModel):
             or scipy sparse (kept sparse; each minibatch's rows are densified as it is drawn).
         z_val, x_val
             Held-out cells; their loss terms are reported as ``val_loss``, ``val_mse``.
+        steps_per_epoch
+            Gradient steps per epoch, drawn from successive shuffled passes over the cells;
+            None = one pass. A few hundred cells make one minibatch a pass, so epochs alone
+            would leave a small dataset's decoder a few dozen steps.
         epochs, batch_size, lr, device, seed, on_epoch, checkpoint_path, checkpoint_every
             See :func:`virtualcell.train.fit`.
 
@@ -257,8 +262,19 @@ class ExpressionDecoder(BaseModel):
         data = x if sp.issparse(x) else torch.as_tensor(x, device=dev)
 
         def batches(epoch: int, generator: torch.Generator):
-            return train.minibatches(states, data, batch_size=batch_size, generator=generator)
+            if steps_per_epoch is None:
+                yield from train.minibatches(states, data, batch_size=batch_size, generator=generator)
+                return
+            done = 0
+            while done < steps_per_epoch:
+                for batch in train.minibatches(states, data, batch_size=batch_size, generator=generator):
+                    yield batch
+                    done += 1
+                    if done == steps_per_epoch:
+                        return
 
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise BadInputError(f"steps_per_epoch must be >= 1 or None; got {steps_per_epoch}")
         val_fn = None
         if z_val is not None:
             val_states = self._to_state(z_val).to(dev)

@@ -4,10 +4,17 @@ One block (``[n_genes]``) encodes RNA alone; several blocks
 (``[n_genes, n_proteins]``) give the joint "encoding as compression" encoder:
 one latent space explains all modalities, each decoded with its own softmax
 and its own library size.
+
+A block of continuous values (log expression of a published TPM table or a
+log-normalised matrix: no counts, so no library size and no NB) is declared
+``"gaussian"`` in ``likelihoods``: its values enter the encoder as they are and
+are decoded to a mean with one learned variance per feature (scvi-tools'
+``gene_likelihood="normal"``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -21,7 +28,9 @@ from virtualcell import train
 from virtualcell.models._base import BaseModel, apply_in_batches, as_float_array
 from virtualcell.train import BadInputError, dense_rows
 
-__all__ = ["nb_log_prob", "NBVAE", "CountEncoder"]
+__all__ = ["nb_log_prob", "NBVAE", "CountEncoder", "LIKELIHOODS"]
+
+LIKELIHOODS = ("nb", "gaussian")
 
 _EPS = 1e-8
 # Floor on the posterior variance: keeps log-variance from running to -inf on
@@ -80,6 +89,9 @@ class NBVAE(nn.Module):
         Width, depth and dropout of the encoder and decoder MLPs.
     kl_weight
         Weight of the KL term in the loss (1 = the ELBO).
+    likelihoods
+        Per block, ``"nb"`` (counts, the default) or ``"gaussian"`` (continuous
+        values such as log expression).
     """
 
     def __init__(
@@ -91,6 +103,7 @@ class NBVAE(nn.Module):
         n_layers: int = 1,
         dropout: float = 0.1,
         kl_weight: float = 1.0,
+        likelihoods: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.n_inputs = [int(n) for n in n_inputs]
@@ -98,6 +111,12 @@ class NBVAE(nn.Module):
             raise BadInputError(f"n_inputs must be a non-empty list of positive block sizes; got {list(n_inputs)}")
         if n_layers < 1:
             raise BadInputError(f"n_layers must be >= 1; got {n_layers}")
+        self.likelihoods = list(likelihoods) if likelihoods is not None else ["nb"] * len(self.n_inputs)
+        if len(self.likelihoods) != len(self.n_inputs) or set(self.likelihoods) - set(LIKELIHOODS):
+            raise BadInputError(
+                f"likelihoods must give one of {list(LIKELIHOODS)} per block ({len(self.n_inputs)} blocks); "
+                f"got {self.likelihoods}"
+            )
         self.kl_weight = float(kl_weight)
         n_total = sum(self.n_inputs)
         self.encoder = _mlp(n_total, n_hidden, n_layers, dropout)
@@ -105,12 +124,20 @@ class NBVAE(nn.Module):
         self.z_logvar = nn.Linear(n_hidden, n_latent)
         self.decoder = _mlp(n_latent, n_hidden, n_layers, dropout)
         self.block_heads = nn.ModuleList(nn.Linear(n_hidden, n) for n in self.n_inputs)
-        # theta = exp(log_theta): one inverse dispersion per feature, shared by cells.
+        # theta = exp(log_theta): one inverse dispersion per feature, shared by cells; for a
+        # Gaussian block it is the log-variance of each feature instead.
         self.log_theta = nn.Parameter(torch.zeros(n_total))
 
+    def _is_gaussian(self, i: int) -> bool:
+        return self.likelihoods[i] == "gaussian"
+
+    def _blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(x, self.n_inputs, dim=-1)
+
     def encode_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of q(z | x) for raw counts ``x``."""
-        h = self.encoder(torch.log1p(x))
+        """Mean and variance of q(z | x) for raw counts ``x`` (continuous blocks as they are)."""
+        h = self.encoder(torch.cat([b if self._is_gaussian(i) else torch.log1p(b)
+                                    for i, b in enumerate(self._blocks(x))], dim=-1))
         # Cast back from bf16 under autocast: the KL and exp() need fp32 range.
         mean = self.z_mean(h).float()
         var = torch.exp(self.z_logvar(h).float()) + _VAR_FLOOR
@@ -121,13 +148,15 @@ class NBVAE(nn.Module):
         return self.encode_distribution(x)[0]
 
     def decode(self, z: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
-        """NB means: per-block softmax over features times that block's library size.
+        """NB means: per-block softmax over features times that block's library size; a Gaussian
+        block's means directly.
 
         ``library`` is (cells, n_blocks).
         """
         h = self.decoder(z)
         return torch.cat(
-            [F.softmax(head(h).float(), dim=-1) * library[:, i : i + 1] for i, head in enumerate(self.block_heads)],
+            [head(h).float() if self._is_gaussian(i) else F.softmax(head(h).float(), dim=-1) * library[:, i : i + 1]
+             for i, head in enumerate(self.block_heads)],
             dim=-1,
         )
 
@@ -149,7 +178,17 @@ class NBVAE(nn.Module):
         mean, var = self.encode_distribution(x)
         z = mean + var.sqrt() * torch.randn_like(mean)
         mu = self.decode(z, self.library_sizes(x))
-        nll = -nb_log_prob(x, mu, torch.exp(self.log_theta)).sum(-1)
+        if all(lik == "nb" for lik in self.likelihoods):
+            nll = -nb_log_prob(x, mu, torch.exp(self.log_theta)).sum(-1)
+        else:
+            parts = []
+            for i, (xb, mb, tb) in enumerate(zip(self._blocks(x), self._blocks(mu), torch.split(self.log_theta,
+                                                                                                self.n_inputs))):
+                if self._is_gaussian(i):
+                    parts.append(0.5 * ((xb - mb) ** 2 * torch.exp(-tb) + tb + math.log(2 * math.pi)))
+                else:
+                    parts.append(-nb_log_prob(xb, mb, torch.exp(tb)))
+            nll = torch.cat(parts, dim=-1).sum(-1)
         kl = 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var)).sum(-1)
         return {train.LOSS_KEY: (nll + self.kl_weight * kl).mean(), "nll": nll.mean(), "kl": kl.mean()}
 
@@ -163,7 +202,8 @@ class CountEncoder(BaseModel):
         Features per count block, in column order (e.g. ``[n_genes, n_proteins]``).
     **module_kwargs
         Passed to :class:`NBVAE` (``n_latent``, ``n_hidden``, ``n_layers``,
-        ``dropout``, ``kl_weight``).
+        ``dropout``, ``kl_weight``, ``likelihoods``: ``["gaussian"]`` for log
+        expression instead of counts).
 
     Examples
     --------
@@ -184,8 +224,10 @@ class CountEncoder(BaseModel):
     def _counts(self, x, name: str):
         """Counts as given: a dense array, or a scipy sparse matrix kept sparse (CSR)."""
         x = as_float_array(x, name=name, n_cols=self.n_features, sparse=True)
-        if ((x.data if sp.issparse(x) else x) < 0).any():
-            raise BadInputError(f"{name} contains negative values; the encoder needs raw counts, not normalised data")
+        likelihoods = self.init_kwargs.get("likelihoods") or ["nb"] * len(self.init_kwargs["n_inputs"])
+        if all(lik == "nb" for lik in likelihoods) and ((x.data if sp.issparse(x) else x) < 0).any():
+            raise BadInputError(f"{name} contains negative values; the encoder needs raw counts, not normalised data "
+                                "(or likelihoods=['gaussian'] for log expression)")
         return x
 
     def fit(
