@@ -1,0 +1,326 @@
+"""The simulator's networks and its training targets: velocity fields, the drift + score pair, the paths.
+
+:class:`VelocityField` is an MLP field v(x, t) (optionally autonomous, or minus the gradient of a
+learned potential); :class:`Dynamics` holds the drift and, for an SDE, the score, with the
+flow-matching (OT-CFM) and score-and-flow-matching (SF2M) losses on paired samples;
+:func:`conditional_flow` and :func:`brownian_bridge` are the conditional paths between pairs.
+:class:`virtualcell.models.dynamics.Simulator` is the user-facing model built on them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from virtualcell import train
+from virtualcell.train import BadInputError
+
+__all__ = ["S_MIN", "conditional_flow", "brownian_bridge", "VelocityField", "Dynamics"]
+
+# Bridge positions are drawn from [S_MIN, 1 - S_MIN]: the bridge's flow target
+# has a (1 - 2s) / (2 s (1 - s)) factor that is singular at both ends.
+S_MIN = 1e-3
+
+
+# --------------------------------------------------------------------------
+# Stateless core
+# --------------------------------------------------------------------------
+
+
+def conditional_flow(
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    s: torch.Tensor,
+    sigma: float,
+    noise: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point on the (noisy) straight path between paired samples, and its velocity.
+
+    ``x_s = (1 - s) x0 + s x1 + sigma * noise`` and ``u = x1 - x0``, with
+    ``s`` in [0, 1] per pair. ``u`` is the velocity per unit of ``s``; divide
+    by ``t1 - t0`` for the velocity in real time.
+
+    Parameters
+    ----------
+    x0, x1
+        Paired samples, (n, d).
+    s
+        Path positions, (n,) or (n, 1).
+    sigma
+        Width of the Gaussian tube around the path.
+    noise
+        Standard-normal draws, (n, d).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(x_s, u)``, each (n, d).
+    """
+    s = s.reshape(-1, 1)
+    return (1.0 - s) * x0 + s * x1 + sigma * noise, x1 - x0
+
+
+def brownian_bridge(
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    s: torch.Tensor,
+    dt: torch.Tensor | float,
+    g: torch.Tensor | float,
+    noise: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Point on the Brownian bridge between paired samples, its flow velocity and its width.
+
+    For Brownian motion of diffusion ``g`` pinned at ``x0`` at time ``t0`` and
+    at ``x1`` at ``t0 + dt``, the state at ``t0 + s dt`` is Gaussian with mean
+    ``mu = (1 - s) x0 + s x1`` and standard deviation
+    ``sigma_s = g sqrt(dt s (1 - s))``, and its probability-flow velocity (per
+    unit of time) is ``(x1 - x0) / dt + (1 - 2s) / (2 s (1 - s) dt) (x_s - mu)``
+    (torchcfm's SB-CFM, Eq. 21 of Tong et al. 2023, with time rescaled by
+    ``dt``). The score of that Gaussian is ``-noise / sigma_s``.
+
+    Parameters
+    ----------
+    x0, x1
+        Paired samples, (n, d).
+    s
+        Bridge positions in (0, 1), (n,) or (n, 1); keep them away from 0 and
+        1 (:data:`S_MIN`), where the velocity's factor is singular.
+    dt
+        Duration of each bridge, scalar or (n,) / (n, 1).
+    g
+        Diffusion (standard deviation per square root of time).
+    noise
+        Standard-normal draws, (n, d).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(x_s, u, sigma_s)``: (n, d), (n, d) and (n, 1).
+    """
+    s = s.reshape(-1, 1)
+    dt = torch.as_tensor(dt, dtype=x0.dtype, device=x0.device).reshape(-1, 1)
+    sigma_s = g * torch.sqrt(dt * s * (1.0 - s))
+    x_s = (1.0 - s) * x0 + s * x1 + sigma_s * noise
+    # (x_s - mu) = sigma_s * noise, written out so that the factor stays finite.
+    u = (x1 - x0) / dt + (1.0 - 2.0 * s) / (2.0 * s * (1.0 - s) * dt) * (sigma_s * noise)
+    return x_s, u, sigma_s
+
+
+# --------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------
+
+
+class VelocityField(nn.Module):
+    """MLP vector field v(x, t), optionally autonomous or the negative gradient of a potential.
+
+    Parameters
+    ----------
+    dim
+        Dimension of the state space.
+    n_hidden, n_layers
+        Width and number of hidden layers of the MLP.
+    potential
+        If True the MLP outputs a scalar Phi(x, t) and v = -grad_x Phi.
+    autonomous
+        If True the field does not see time: v(x) (and Phi(x)); ``t`` is
+        accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        n_hidden: int = 128,
+        n_layers: int = 3,
+        potential: bool = False,
+        autonomous: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise BadInputError(f"n_layers must be >= 1; got {n_layers}")
+        self.dim = int(dim)
+        self.is_potential = bool(potential)
+        self.is_autonomous = bool(autonomous)
+        layers: list[nn.Module] = []
+        n_in = self.dim + (0 if self.is_autonomous else 1)  # time is one extra input feature
+        for _ in range(n_layers):
+            # SiLU, not ReLU: the potential's gradient must itself be smooth,
+            # and a ReLU network's gradient is piecewise constant in x.
+            layers += [nn.Linear(n_in, n_hidden), nn.SiLU()]
+            n_in = n_hidden
+        layers.append(nn.Linear(n_in, 1 if self.is_potential else self.dim))
+        self.net = nn.Sequential(*layers)
+
+    def _net_input(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        if self.is_autonomous:
+            return x
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        return torch.cat([x, t.reshape(-1, 1).expand(len(x), 1)], dim=-1)
+
+    def potential(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """Phi(x, t), shape (n,). Only for ``potential=True``."""
+        if not self.is_potential:
+            raise RuntimeError("this VelocityField was built with potential=False and has no potential")
+        return self.net(self._net_input(x, t)).squeeze(-1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """Field at states ``x`` (n, dim) and times ``t`` (scalar or (n,))."""
+        if not self.is_potential:
+            return self.net(self._net_input(x, t))
+        # The graph through the gradient is only kept when the caller is
+        # differentiating (training); simulation under no_grad still needs
+        # autograd for the gradient itself, hence enable_grad.
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            phi = self.potential(x, t)
+            (grad,) = torch.autograd.grad(phi.sum(), x, create_graph=create_graph)
+        return -grad
+
+    def loss(
+        self,
+        x0: torch.Tensor,
+        x1: torch.Tensor,
+        t0: torch.Tensor,
+        t1: torch.Tensor,
+        s: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Flow-matching loss on OT-paired samples.
+
+        Parameters
+        ----------
+        x0, x1
+            Paired states at times ``t0`` and ``t1`` (n, dim).
+        t0, t1
+            Times of each pair, (n,), with ``t1 > t0``.
+        s
+            Path positions in [0, 1], (n,).
+        noise
+            Perturbation already scaled by sigma, (n, dim).
+
+        Returns
+        -------
+        dict
+            ``"loss"``: mean squared error between v(x_s, t0 + s (t1 - t0))
+            and (x1 - x0) / (t1 - t0).
+        """
+        x_s, u = conditional_flow(x0, x1, s, 1.0, noise)
+        dt = (t1 - t0).reshape(-1, 1)
+        v = self(x_s, t0 + s.reshape(-1) * (t1 - t0))
+        return {train.LOSS_KEY: torch.mean((v.float() - u / dt) ** 2)}
+
+
+class Dynamics(nn.Module):
+    """The simulator's networks: a drift and, for an SDE, a score.
+
+    Deterministic: ``drift`` is the ODE velocity v(x, t), trained by OT-CFM.
+    Stochastic: ``drift`` is the SDE drift f(x, t) of dX = f dt + g dW, and
+    ``score`` estimates grad_x log p_t(x) (always time-dependent); the
+    probability-flow velocity is v = f - g**2/2 s. The diffusion ``g`` is a
+    buffer, so it travels with the weights (saved models and checkpoints).
+
+    Parameters
+    ----------
+    dim, n_hidden, n_layers
+        As for :class:`VelocityField` (both networks).
+    potential, autonomous
+        Priors on the drift (:class:`VelocityField`).
+    stochastic
+        Build the score network and the diffusion buffer.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        n_hidden: int = 128,
+        n_layers: int = 3,
+        potential: bool = False,
+        stochastic: bool = False,
+        autonomous: bool = False,
+    ) -> None:
+        super().__init__()
+        self.drift = VelocityField(
+            dim, n_hidden=n_hidden, n_layers=n_layers, potential=potential, autonomous=autonomous
+        )
+        self.score: VelocityField | None = None
+        if stochastic:
+            self.score = VelocityField(dim, n_hidden=n_hidden, n_layers=n_layers)
+            self.register_buffer("diffusion", torch.tensor(1.0))
+        # Weight of the kinetic-energy penalty; a training setting, set by fit.
+        self.kinetic = 0.0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The drift f (the ODE velocity of a deterministic model)."""
+        return self.drift(x, t)
+
+    def flow_velocity(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """Probability-flow velocity ``f - g**2/2 s``; the drift itself for an ODE."""
+        v = self.drift(x, t)
+        if self.score is None:
+            return v
+        return v - 0.5 * self.diffusion**2 * self.score(x, t)
+
+    def loss(
+        self,
+        x0: torch.Tensor,
+        x1: torch.Tensor,
+        t0: torch.Tensor,
+        t1: torch.Tensor,
+        s: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Flow-matching (ODE) or score-and-flow-matching (SDE) loss on paired samples.
+
+        Parameters
+        ----------
+        x0, x1
+            Paired states at times ``t0`` and ``t1`` (n, dim).
+        t0, t1
+            Times of each pair, (n,), with ``t1 > t0``.
+        s
+            Path positions in [0, 1] (ODE) or in (0, 1), clear of the ends
+            (SDE, see :data:`S_MIN`), (n,).
+        noise
+            ODE: the perturbation around the straight path, already scaled by
+            sigma. SDE: standard-normal draws for the Brownian bridge.
+
+        Returns
+        -------
+        dict
+            ``"loss"``, the sum of the terms below. ODE: the flow-matching MSE
+            of :meth:`VelocityField.loss`. SDE: ``"flow"``, the MSE between
+            f - g**2/2 s and the bridge's flow velocity (the score enters
+            detached, so the score is fitted by its own term alone and the
+            drift absorbs what a constrained drift cannot express); ``"score"``,
+            the denoising score-matching loss ``mean |sigma_s s + noise|**2``
+            (torchcfm's lambda_t weighting: its score network outputs
+            g**2/2 s, ours s). With a kinetic weight, ``"kinetic"``: that
+            weight times the mean squared drift per coordinate.
+        """
+        tau = t0 + s.reshape(-1) * (t1 - t0)
+        dt = (t1 - t0).reshape(-1, 1)
+        terms: dict[str, torch.Tensor] = {}
+        if self.score is None:
+            x_s, u = conditional_flow(x0, x1, s, 1.0, noise)
+            f = self.drift(x_s, tau).float()
+            total = torch.mean((f - u / dt) ** 2)
+        else:
+            g = self.diffusion
+            x_s, u, sigma_s = brownian_bridge(x0, x1, s, dt, g, noise)
+            f = self.drift(x_s, tau).float()
+            score = self.score(x_s, tau).float()
+            terms["flow"] = torch.mean((f - 0.5 * g**2 * score.detach() - u) ** 2)
+            terms["score"] = torch.mean((sigma_s * score + noise) ** 2)
+            total = terms["flow"] + terms["score"]
+        if self.kinetic > 0:
+            # Kinetic energy of the drift along the interpolated marginals, as in
+            # TrajectoryNet (Tong et al., ICML 2020) and RNODE (Finlay et al.,
+            # ICML 2020), which integrate |f|^2 along the ODE; here it is
+            # evaluated at the training paths' points instead of a solve.
+            terms["kinetic"] = self.kinetic * torch.mean(f**2)
+            total = total + terms["kinetic"]
+        return {train.LOSS_KEY: total, **terms}
