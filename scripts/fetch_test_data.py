@@ -2,7 +2,7 @@
 """Fetch the small real datasets the reader tests run on, from PyPI source archives.
 
 Real single-cell and spatial files ship inside the source archives (sdists) of
-scvi-tools, squidpy and scanpy on PyPI, and inside scanpy's installed wheel.
+scvi-tools, squidpy, scanpy and statot on PyPI, and inside scanpy's installed wheel.
 This script downloads each pinned archive with ``pip download`` (the only
 network the test machines have), checks the archive's sha256, extracts only
 the files listed below, checks each file's sha256 and size, and keeps them in a
@@ -14,7 +14,7 @@ It is idempotent: a file already in the cache with the pinned sha256 is not
 fetched again, so a second run takes well under a second. A cached file whose
 sha256 differs from its pin is an error (``--refresh`` fetches it again). The
 archives themselves are deleted after extraction (``--keep-archives`` keeps
-them); the cache holds about 4 MB.
+them); the cache holds about 9 MB.
 
 Usage::
 

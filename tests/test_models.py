@@ -19,7 +19,7 @@ from virtualcell.models.contrastive import (
     symmetric_info_nce,
     top1_retrieval,
 )
-from virtualcell.models.dynamics import Simulator, VelocityField, conditional_flow, sample_ot_pairs
+from virtualcell.models.dynamics import Dynamics, Simulator, VelocityField, conditional_flow, sample_ot_pairs
 from virtualcell.models.vae import NBVAE, CountEncoder, nb_log_prob
 
 CPU = "cpu"
@@ -444,14 +444,14 @@ def test_velocity_field_potential_is_minus_the_gradient():
         VelocityField(3).potential(x, t)
 
 
-def test_velocity_field_loss_is_the_flow_matching_mse():
+def test_ode_loss_is_the_flow_matching_mse():
     torch.manual_seed(0)
-    field = VelocityField(2, n_hidden=8, n_layers=1)
+    dynamics = Dynamics(2, n_hidden=8, n_layers=1)
     x0, x1, noise = torch.randn(5, 2), torch.randn(5, 2), 0.1 * torch.randn(5, 2)
     t0, t1, s = torch.zeros(5), torch.full((5,), 2.0), torch.rand(5)
     x_s = (1 - s[:, None]) * x0 + s[:, None] * x1 + noise
-    expected = ((field(x_s, 2.0 * s) - (x1 - x0) / 2.0) ** 2).mean()
-    torch.testing.assert_close(field.loss(x0, x1, t0, t1, s, noise)["loss"], expected)
+    expected = ((dynamics.drift(x_s, 2.0 * s) - (x1 - x0) / 2.0) ** 2).mean()
+    torch.testing.assert_close(dynamics.loss(x0, x1, t0, t1, s, noise)["loss"], expected)
 
 
 # Toy truth: a 2-D Gaussian translating at constant velocity over 5 times.

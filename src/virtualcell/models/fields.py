@@ -179,39 +179,6 @@ class VelocityField(nn.Module):
             (grad,) = torch.autograd.grad(phi.sum(), x, create_graph=create_graph)
         return -grad
 
-    def loss(
-        self,
-        x0: torch.Tensor,
-        x1: torch.Tensor,
-        t0: torch.Tensor,
-        t1: torch.Tensor,
-        s: torch.Tensor,
-        noise: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Flow-matching loss on OT-paired samples.
-
-        Parameters
-        ----------
-        x0, x1
-            Paired states at times ``t0`` and ``t1`` (n, dim).
-        t0, t1
-            Times of each pair, (n,), with ``t1 > t0``.
-        s
-            Path positions in [0, 1], (n,).
-        noise
-            Perturbation already scaled by sigma, (n, dim).
-
-        Returns
-        -------
-        dict
-            ``"loss"``: mean squared error between v(x_s, t0 + s (t1 - t0))
-            and (x1 - x0) / (t1 - t0).
-        """
-        x_s, u = conditional_flow(x0, x1, s, 1.0, noise)
-        dt = (t1 - t0).reshape(-1, 1)
-        v = self(x_s, t0 + s.reshape(-1) * (t1 - t0))
-        return {train.LOSS_KEY: torch.mean((v.float() - u / dt) ** 2)}
-
 
 class Dynamics(nn.Module):
     """The simulator's networks: a drift and, for an SDE, a score.
