@@ -53,6 +53,30 @@ def _stop_group(proc: subprocess.Popen, *, grace_s: float = 15) -> None:
 
 
 @contextlib.contextmanager
+def _service(cmd: list[str], *, log_file: Path, ready_url: str, env: dict[str, str], timeout_s: float,
+             what: str) -> Iterator[None]:
+    """Start ``cmd`` in its own process group; return once ``ready_url`` answers 200; stop it on exit."""
+    log = open(log_file, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log_file.read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(ready_url, timeout=2).status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not answer {ready_url} in {timeout_s} s:\n"
+                                   f"{log_file.read_text()[-3000:]}")
+            time.sleep(0.5)  # polling for the port to open, not waiting a fixed time
+        yield
+    finally:
+        _stop_group(proc)
+        log.close()
+
+
+@contextlib.contextmanager
 def mlflow_server(folder: Path, *, timeout_s: float = 90) -> Iterator[str]:
     """A real `mlflow server` on a free loopback port, SQLite backend and served artifacts in ``folder``.
 
@@ -61,29 +85,28 @@ def mlflow_server(folder: Path, *, timeout_s: float = 90) -> Iterator[str]:
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n"
-                                   f"{(folder / 'server.log').read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).read().strip() == b"OK":
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not answer {uri}/health in {timeout_s} s")
-            time.sleep(0.5)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+           "--artifacts-destination", str(folder / "artifacts")]
+    with _service(cmd, log_file=folder / "server.log", ready_url=f"{uri}/health", env=clean_env(),
+                  timeout_s=timeout_s, what="mlflow server"):
         yield uri
-    finally:
-        _stop_group(proc)
-        log.close()
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, *, tracking_uri: str, folder: Path, timeout_s: float = 180) -> Iterator[str]:
+    """`mlflow models serve` of ``model_uri`` (local env manager) on a free loopback port.
+
+    Yields the base URL once ``/ping`` answers; POST cells to ``<url>/invocations``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with _service(cmd, log_file=folder / "serve.log", ready_url=f"{url}/ping",
+                  env=clean_env(MLFLOW_TRACKING_URI=tracking_uri), timeout_s=timeout_s, what="mlflow models serve"):
+        yield url
 
 
 def slurm_unavailable() -> str | None:

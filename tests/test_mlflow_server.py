@@ -74,13 +74,14 @@ def test_artifacts_and_the_registered_model_come_from_the_server(server_run):
     # nothing was tracked locally beside the outputs
     results = server_run["workdir"] / "results"
     assert not (results / "mlflow.db").exists() and not (results / "mlartifacts").exists()
-    # a user elsewhere loads the registered virtual cell through the server and simulates with it
+    # a user elsewhere loads the registered virtual cell through the server and asks it about the cells of
+    # its input example (counts with gene names)
     load = (
-        "import mlflow, numpy as np; from virtualcell import tracking; "
+        "import mlflow, numpy as np; "
         "m = mlflow.pyfunc.load_model('models:/virtualcell-synthetic/latest'); "
-        "n = len(m.metadata.get_input_schema().input_names()) - 2; "
-        "out = m.predict(tracking.simulator_input_example(np.zeros((3, n)), t_start=0.0, horizon=1.0)); "
-        "assert out.shape == (3, n) and np.isfinite(out.to_numpy()).all(); print('ok', n)"
+        "cells = m.input_example; out = m.predict(cells, params={'horizon': 1.0}); "
+        "assert len(out) == len(cells) and np.isfinite(out.to_numpy(dtype=float)).all(); "
+        "assert np.allclose(out.filter(like='p_').sum(axis=1), 1); print('ok', cells.shape)"
     )
     done = subprocess.run([sys.executable, "-c", load], cwd=server_run["root"], capture_output=True, text=True,
                           env=clean_env(MLFLOW_TRACKING_URI=server_run["uri"]), timeout=300)

@@ -72,7 +72,9 @@ def test_outputs_and_metrics(workflow_run):
     for space in ("pca5", "shared"):  # the literature's space, and the simulator's own beside it
         w1 = held[f"w1_{space}"]
         baselines = {"model", "ot_interp", "copy_prev", "copy_next", "random_coupling", "noise_floor"}
-        assert set(w1) == baselines | ({"oracle"} if space == "pca5" else set())
+        # pca5 also has the oracle (the truth's fresh sample) and decoded_truth (the held-out cells'
+        # own states through the decoder: what decoding alone costs)
+        assert set(w1) == baselines | ({"oracle", "decoded_truth"} if space == "pca5" else set())
         assert all(np.isfinite(v) and v >= 0 for v in w1.values())
     assert {"w2_pca5", "mmd_pca5", "edist_pca5", "std"} <= set(held)
     # a fresh sample of the truth is closer to the real cells than OT interpolation and copying are
@@ -139,6 +141,115 @@ def test_registered_model_simulates_states(workflow_run, client):
     assert not np.allclose(out.to_numpy(), x, atol=1e-3)  # cells move in two time units
     still = model.predict(tracking.simulator_input_example(x, t_start=1.0, horizon=0.0))
     np.testing.assert_allclose(still.to_numpy(), x, atol=1e-5)  # a zero horizon leaves them in place
+
+
+@pytest.fixture(scope="module")
+def raw_cells(workflow_run):
+    """Cells as a user has them: raw counts of every measured gene (QC's filtered ones too), gene names as
+    columns, with their time and the real cells' pca5 coordinates by time."""
+    import mudata as md
+
+    results = workflow_run / "results" / "synthetic"
+    rna = md.read_h5mu(results / "ingest.h5mu").mod["rna"]
+    shared = ad.read_h5ad(results / "align" / "shared.h5ad")
+    rna = rna[shared.obs_names]
+    counts = rna.layers["counts"]
+    counts = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts)
+    frame = pd.DataFrame(counts, columns=list(rna.var_names), index=rna.obs_names)
+    return {"frame": frame, "time": shared.obs["time"].to_numpy(dtype=float), "shared": shared}
+
+
+def test_registered_model_speaks_genes(workflow_run, client, raw_cells):
+    """Counts with gene names in; simulated expression, states and fates out, moving cells as the real ones
+    move; unknown genes ignored and missing ones zero-filled, with a warning that counts them."""
+    from virtualcell import evaluate, reference
+
+    model = mlflow.pyfunc.load_model("models:/virtualcell-synthetic/1")
+    version = client.get_model_version("virtualcell-synthetic", "1")
+    assert "counts of cells x genes" in version.description and "w1_pca5.model" in version.tags
+    assert model.metadata.get_params_schema() is not None and model.input_example is not None
+    cell = model.unwrap_python_model().cell
+    frame, t, shared = raw_cells["frame"], raw_cells["time"], raw_cells["shared"]
+    start = frame[t == 0]
+    # a user's panel: two of the model's genes not measured, one gene it never saw
+    dropped = cell.genes[:2]
+    panel = start.drop(columns=dropped).assign(NOT_A_GENE=1.0)
+    with pytest.warns(UserWarning, match=r"2 of the model's \d+ genes are missing.*[1-9]\d* input genes"):
+        out = model.predict(panel, params={"horizon": 3.0, "seed": 0})
+    genes = cell.output_genes
+    assert list(out.columns[: len(genes)]) == genes and len(out) == len(panel)
+    fates = out[[f"p_{f}" for f in cell.fate_names]].to_numpy()
+    np.testing.assert_allclose(fates.sum(axis=1), 1, atol=1e-6)
+    # the same question, the same answer
+    again = model.predict(panel, params={"horizon": 3.0, "seed": 0})
+    pd.testing.assert_frame_equal(out, again)
+    # genes in, judged in the literature's space: the simulated cells at t=3 are nearer the real t=3 cells
+    # than the cells they started from are
+    ref = reference.from_uns(shared.uns["pca5"])
+    real = np.asarray(shared.obsm["X_pca5"])
+    simulated = reference.project(out[genes].to_numpy(), ref)
+    assert evaluate.wasserstein(simulated, real[t == 3]) < evaluate.wasserstein(real[t == 0], real[t == 3])
+    # a cell's state from its RNA alone lies near its state with protein (the shared space)
+    states = cell.states(cell.match_genes(start.to_numpy(), list(start.columns))[0])
+    cosine = np.sum(states * np.asarray(shared.obsm["X_shared"])[t == 0], axis=1)
+    assert np.median(cosine) > 0.9
+
+
+def test_served_model_answers_a_post_of_counts(workflow_run, raw_cells, tmp_path):
+    """`mlflow models serve` answers cells posted as JSON (split orient) as the model does in Python."""
+    import urllib.request
+
+    from tests.services import model_server
+
+    uri = tracking.resolve_tracking_uri(f"sqlite:///{workflow_run}/results/mlflow.db")
+    cells = raw_cells["frame"][raw_cells["time"] == 1].iloc[:25]
+    params = {"horizon": 2.0, "t_start": 1.0, "seed": 3}
+    body = {"dataframe_split": {"columns": list(cells.columns), "data": cells.astype(int).to_numpy().tolist()},
+            "params": params}
+    with model_server("models:/virtualcell-synthetic/1", tracking_uri=uri, folder=tmp_path) as url:
+        request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+    served = pd.DataFrame(answer["predictions"])
+    local = mlflow.pyfunc.load_model("models:/virtualcell-synthetic/1").predict(cells, params=params)
+    assert served.shape == local.shape and list(served.columns) == list(local.columns)
+    np.testing.assert_allclose(served.to_numpy(dtype=float), local.to_numpy(dtype=float), rtol=1e-4, atol=1e-4)
+
+
+def test_predict_command_writes_an_h5ad(workflow_run, raw_cells, tmp_path):
+    """`virtualcell predict` on an .h5ad of raw counts writes the answer into documented slots; log
+    values where counts belong end in one line naming the file."""
+    frame, t = raw_cells["frame"], raw_cells["time"]
+    cells = ad.AnnData(X=frame[t == 0].to_numpy(dtype=np.float32), var=pd.DataFrame(index=frame.columns),
+                       obs=pd.DataFrame(index=frame.index[t == 0]))
+    cells.layers["counts"] = cells.X.copy()
+    cells.X = np.log1p(cells.X)  # as scanpy users keep it: log values in X, counts in a layer
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUALCELL_"))}
+
+    def predict(source: str, output: str, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "virtualcell.cli", "predict", "--model", "models:/virtualcell-synthetic/latest",
+               "--input", str(tmp_path / source), "--horizon", "2", "--output", str(tmp_path / output), *extra]
+        return subprocess.run(cmd, cwd=workflow_run, env=env, capture_output=True, text=True, timeout=300)
+
+    done = predict("cells.h5ad", "out.h5ad")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert out.n_obs == cells.n_obs and out.layers["simulated"].shape == out.shape
+    assert out.obsm["X_state"].shape == out.obsm["X_state_simulated"].shape
+    assert np.allclose(out.obsm["fate_probabilities"].sum(axis=1), 1)
+    assert set(out.obs["predicted_fate"]) <= set(out.obsm["fate_probabilities"].columns)
+    assert out.uns["virtualcell"]["t_end"] == 2.0
+    assert not np.allclose(out.layers["simulated"], out.X)
+    # log values where the model reads counts: refused in one line naming the file, nothing written
+    done = predict("cells.h5ad", "x.h5ad", "--layer", "missing")
+    assert done.returncode == 1 and "no layer 'missing'" in done.stderr.strip().splitlines()[-1]
+    del cells.layers["counts"]
+    cells.write_h5ad(tmp_path / "logs.h5ad")
+    done = predict("logs.h5ad", "never.h5ad")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'logs.h5ad'}: values are not whole")
+    assert not (tmp_path / "never.h5ad").exists()
 
 
 def _override(tmp_path: Path, text: str) -> Path:

@@ -45,6 +45,10 @@ def _section(args: argparse.Namespace, name: str) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise InputError(f"--params: not valid JSON ({exc}); pass the config section as JSON") from None
     config = load_config(args.configfile)
+    if name == "report":
+        from virtualcell.config import report_params
+
+        return report_params(config)
     if name.startswith("datasets."):
         dataset = name.split(".", 1)[1]
         if dataset not in config["datasets"]:
@@ -138,14 +142,65 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--figure")
     _add(p, "--fate-figure", required=False, default=None)
 
-    p = stage("report", "register the final simulator in the MLflow model registry")
+    p = stage("report", "log the virtual cell (genes in, genes out) and register it in the MLflow model registry")
     _add(p, "--dataset")
-    _add(p, "--simulator")
-    _add(p, "--shared")
+    _add(p, "--simulator", help="the simulator trained on every time point")
+    _add(p, "--shared", help="the states it was trained on (align's shared.h5ad or embed's embeddings.h5ad)")
+    _add(p, "--expression", help="pair's paired.h5mu: the genes and values cells come in")
+    _add(p, "--encoder", required=False, default=None, help="embed's rna_encoder.pt (simulate.space: embedding)")
+    _add(p, "--aligner", required=False, default=None, help="align's aligner.pt (aligned datasets)")
+    _add(p, "--decoder", required=False, default=None, help="decode's decoder.pt (simulate.space: embedding)")
     _add(p, "--metrics")
     _add(p, "--output")
     _add(p, "--summary")
+
+    p = sub.add_parser("predict", help="ask the virtual cell: simulate the cells of an .h5ad forward in time",
+                       description="Simulate cells forward with a logged virtual cell and write the answer into "
+                       "an .h5ad: X (the cells' own log-normalised expression of the model's genes), "
+                       "layers['simulated'], obsm['X_state'], obsm['X_state_simulated'], "
+                       "obsm['fate_probabilities'], obs['predicted_fate'] and uns['virtualcell'].")
+    _add(p, "--model", help="models:/virtualcell-<dataset>/latest, a runs:/ or models:/ URI, or a local model folder")
+    _add(p, "--input", help=".h5ad of cells (raw counts in layers['counts'] or X; gene names as var_names)")
+    _add(p, "--horizon", type=float, help="time to simulate forward, in the units of the training time labels")
+    _add(p, "--output", help=".h5ad to write")
+    _add(p, "--t-start", type=float, required=False, default=None,
+         help="the cells' time (default: the first observed time point)")
+    _add(p, "--layer", required=False, default=None, help="the layer holding the values (default: counts, else X)")
+    _add(p, "--seed", type=int, required=False, default=0, help="seed of the stochastic simulation")
+    _add(p, "--n-rollouts", type=int, required=False, default=None,
+         help="simulations per cell for fate probabilities (default: the evaluation's)")
+    _add(p, "--mean", action="store_true", required=False,
+         help="write the decoder's mean expression (denoised, under-dispersed) rather than a sample of each gene")
+    _add(p, "--tracking-uri", required=False, default=None,
+         help="where models:/ and runs:/ URIs resolve (default: $MLFLOW_TRACKING_URI, else the workflow's "
+         "sqlite:///results/mlflow.db)")
     return parser
+
+
+def predict(args: argparse.Namespace) -> None:
+    """``virtualcell predict``: load the virtual cell (MLflow or a bundle folder) and answer on an .h5ad."""
+    from virtualcell import cellmodel
+
+    if Path(args.model, cellmodel.META).exists():
+        cell = cellmodel.VirtualCell(args.model)
+    else:
+        import mlflow
+
+        from virtualcell import tracking
+
+        mlflow.set_tracking_uri(tracking.resolve_tracking_uri(args.tracking_uri))
+        try:
+            cell = mlflow.pyfunc.load_model(args.model).unwrap_python_model().cell
+        except mlflow.exceptions.MlflowException as exc:
+            raise InputError(f"--model {args.model}: cannot be loaded ({str(exc).splitlines()[0]}); pass "
+                             "models:/virtualcell-<dataset>/latest after the workflow has run, or "
+                             "--tracking-uri where it tracked") from None
+    out = cellmodel.predict_h5ad(cell, args.input, args.output, horizon=args.horizon, t_start=args.t_start,
+                                 seed=args.seed, n_rollouts=args.n_rollouts, sample=not args.mean, layer=args.layer,
+                                 model=args.model)
+    fates = out.obs["predicted_fate"].value_counts().to_dict()
+    print(f"[virtualcell] {out.n_obs} cells simulated from t={out.uns['virtualcell']['t_start']:g} to "
+          f"t={out.uns['virtualcell']['t_end']:g}; most likely fates {fates}; written to {args.output}")
 
 
 # stage -> (config section, inputs, outputs, wildcards, call)
@@ -202,10 +257,14 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
                                                space=args.space, fates=args.fates, fate_figure=args.fate_figure,
                                                decoder=args.decoder))
     if args.stage == "report":
-        return ("mlflow", [args.simulator, args.shared, args.metrics], [args.output, args.summary], wildcards,
+        models = [f for f in (args.encoder, args.aligner, args.decoder) if f]
+        return ("report", [args.simulator, args.shared, args.expression, args.metrics, *models],
+                [args.output, args.summary], wildcards,
                 lambda p, run: stages.register(simulator=args.simulator, shared=args.shared,
-                                               metrics=args.metrics, output=args.output, summary=args.summary,
-                                               dataset=args.dataset, params=p, run=run))
+                                               expression=args.expression, metrics=args.metrics,
+                                               output=args.output, summary=args.summary, dataset=args.dataset,
+                                               params=p, run=run, encoder=args.encoder, aligner=args.aligner,
+                                               decoder=args.decoder))
     raise AssertionError(args.stage)
 
 
@@ -214,6 +273,9 @@ def run(argv: list[str] | None = None) -> None:
     from virtualcell import tracking
 
     args = build_parser().parse_args(argv)
+    if args.stage == "predict":
+        predict(args)
+        return
     if args.threads:
         import torch
 

@@ -73,3 +73,10 @@ def validate_config(config: Mapping[str, Any], *, origin: str = "config", schema
                 "remove values (or set it to counts)"
             )
     return filled
+
+
+def report_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the report step reads from a validated config: the rule passes it, and so does ``--configfile``."""
+    return {"register": config["mlflow"]["register"], "space": config["simulate"]["space"],
+            "n_steps": config["evaluate"]["n_steps"], "fate_rollouts": config["evaluate"]["fate_rollouts"],
+            "seed": config["evaluate"]["seed"]}

@@ -631,20 +631,54 @@ def _flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, flo
     return flat
 
 
-def register(*, simulator: str, shared: str, metrics: str, output: str, summary: str, dataset: str,
-             params: Mapping[str, Any], run: JobRun) -> None:
-    """Log the final simulator as a pyfunc model and register it as ``virtualcell-{dataset}``."""
+def register(*, simulator: str, shared: str, expression: str, metrics: str, output: str, summary: str,
+             dataset: str, params: Mapping[str, Any], run: JobRun, encoder: str | None = None,
+             aligner: str | None = None, decoder: str | None = None) -> None:
+    """Log the virtual cell (genes in, genes out: :mod:`virtualcell.cellmodel`) as a pyfunc model and
+    register it as ``virtualcell-{dataset}``, with the summary of the metrics it was judged by.
+
+    ``simulator`` is the model trained on every time point; ``encoder`` (the RNA encoder),
+    ``aligner`` and ``decoder`` take expression to its states and back, as the state space needs.
+    """
+    import tempfile
+
+    from virtualcell import cellmodel
     from virtualcell.models.dynamics import Simulator
-    from virtualcell.tracking import simulator_input_example
 
     io.read_model(Simulator, simulator)  # a corrupt file fails here, named, not inside MLflow
     data = io.read_h5ad(shared)
-    t = data.obs["time"].to_numpy(dtype=float) if "time" in data.obs else np.zeros(data.n_obs)
-    _, state = state_of(data, params.get("space", "embedding"))
-    example = simulator_input_example(state[:5], t_start=float(np.min(t)), horizon=1.0)
+    paired = io.read_h5mu(expression)
+    rna = paired.mod[io.expression_modality(paired)]
     name = f"virtualcell-{dataset}" if params["register"] else None
-    uri = run.log_simulator(simulator, name="virtualcell", registered_model_name=name, input_example=example)
     values = json.loads(Path(metrics).read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = cellmodel.write_bundle(Path(tmp) / "virtual_cell", shared=data, simulator=simulator,
+                                        encoder=encoder, aligner=aligner, decoder=decoder,
+                                        space=params.get("space", "embedding"), n_steps=params["n_steps"],
+                                        n_rollouts=max(1, params["fate_rollouts"]), seed=params["seed"])
+        cell = cellmodel.VirtualCell(bundle)
+        example = cellmodel.example_input(rna)
+        call = {"horizon": 1.0, "t_start": float(cell.times[0]), "seed": 0, "n_rollouts": int(cell.meta["n_rollouts"]),
+                "n_steps": int(cell.meta["n_steps"]), "sample": True}
+        answer = cell.predict(example.to_numpy(), list(example.columns), **call)
+        say(f"register: the virtual cell reads {len(cell.genes)} genes, simulates in the {cell.space} space "
+            f"({cell.meta['state_dim']} dimensions) and returns {len(cell.output_genes)} genes and fates "
+            f"{cell.fate_names}")
+        mean = values.get("simulation", {}).get("mean", {})
+        judged = {f"{m}.{k}": v for m, by in mean.items() if isinstance(by, Mapping) and m != "std"
+                  for k, v in by.items()} | {f"fate.{m}.{k}": v for m, by in values.get("fate", {}).items()
+                                            if isinstance(by, Mapping) and m != "std" for k, v in by.items()}
+        description = (
+            f"The virtual cell of {dataset}: counts of cells x genes (gene names as columns, "
+            f"{cell.values} values) in, with params horizon and t_start (times {cell.times.tolist()}); out: "
+            f"simulated log-normalised expression of {len(cell.output_genes)} genes, the state z0..z"
+            f"{cell.meta['state_dim'] - 1} ({cell.space} space) and p_<fate> for fates {cell.fate_names}. "
+            f"Judged on held-out time points: mean W1 (pca5) model "
+            f"{mean.get('w1_pca5', {}).get('model', float('nan')):.3f} vs OT interpolation "
+            f"{mean.get('w1_pca5', {}).get('ot_interp', float('nan')):.3f}.")
+        uri = run.log_virtual_cell(bundle, name="virtualcell", registered_model_name=name, input_example=example,
+                                   output_example=answer.frame(index=example.index), params=call,
+                                   description=description, tags=judged)
     rows = []
     sim = values.get("simulation", {})
     for section, block in [("simulation (mean over holdouts)", sim.get("mean", {})),
@@ -663,6 +697,7 @@ def register(*, simulator: str, shared: str, metrics: str, output: str, summary:
     table = pd.DataFrame(rows)
     run.log_table(table, "summary.tsv")
     io.write_table(table, summary)
-    io.write_json({"dataset": dataset, "model_uri": uri, "registered_model": name,
-                   "state_dim": int(state.shape[1])}, output)
+    io.write_json({"dataset": dataset, "model_uri": uri, "registered_model": name, "space": cell.space,
+                   "state_dim": int(cell.meta["state_dim"]), "genes_in": len(cell.genes),
+                   "genes_out": len(cell.output_genes), "fates": cell.fate_names}, output)
     say(f"registered {name} ({uri})")

@@ -395,17 +395,37 @@ class JobRun:
 
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    def log_simulator(self, checkpoint: str | Path, *, name: str, registered_model_name: str | None,
-                      input_example: Any) -> str:
-        """Log the virtual cell as a pyfunc model, registered when a name is given."""
+    def log_virtual_cell(self, bundle: str | Path, *, name: str, registered_model_name: str | None,
+                         input_example: Any, output_example: Any, params: Mapping[str, Any], description: str,
+                         tags: Mapping[str, Any]) -> str:
+        """Log the virtual cell (:mod:`virtualcell.cellmodel`'s bundle) as a pyfunc model; when a name is
+        given, register it, with ``description`` and ``tags`` (the metrics it was judged by) on the version.
+        """
+        from mlflow.models import ModelSignature, infer_signature
+        from mlflow.tracking import MlflowClient
+        from mlflow.types.schema import ParamSchema, ParamSpec
+
+        # No input column schema: MLflow's would refuse integer counts for double columns ("Can not
+        # safely convert int64 to float64") and drop genes the model does not know without a word; the
+        # model matches genes by name itself, zero-fills missing ones and says how many (cellmodel).
+        signature = ModelSignature(
+            inputs=None, outputs=infer_signature(output_example).inputs,
+            params=ParamSchema([ParamSpec(k, _param_type(v), v) for k, v in params.items()]))
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=VirtualCellModel(),
-            artifacts={"simulator": str(checkpoint)},
-            input_example=input_example,
+            artifacts={"bundle": str(bundle)},
+            input_example=(input_example, dict(params)),
+            signature=signature,
             registered_model_name=registered_model_name,
             pip_requirements=_pip_requirements(),
         )
+        if registered_model_name:
+            client = MlflowClient()
+            version = str(info.registered_model_version)
+            client.update_model_version(registered_model_name, version, description=description)
+            for key, value in tags.items():
+                client.set_model_version_tag(registered_model_name, version, key, str(value))
         return info.model_uri
 
 
@@ -546,43 +566,76 @@ def _with_retry(call: Callable[[], Any], attempts: int = 5) -> Any:
 # ---------------------------------------------------------------------------
 # the registered virtual cell: a pyfunc model
 
-STATE_PREFIX = "z"
 T_START = "t_start"
 HORIZON = "horizon"
 
 
 def simulator_input_example(states: np.ndarray, *, t_start: float, horizon: float) -> pd.DataFrame:
-    """The pyfunc input: one row per cell, state columns z0..z{d-1}, start time and horizon."""
-    frame = pd.DataFrame(np.asarray(states, dtype=np.float64),
-                         columns=[f"{STATE_PREFIX}{i}" for i in range(states.shape[1])])
+    """Coordinates in: one row per cell, state columns z0..z{d-1}, its start time and horizon."""
+    from virtualcell.cellmodel import state_columns
+
+    frame = pd.DataFrame(np.asarray(states, dtype=np.float64), columns=state_columns(states.shape[1]))
     frame[T_START] = float(t_start)
     frame[HORIZON] = float(horizon)
     return frame
 
 
-class VirtualCellModel(mlflow.pyfunc.PythonModel):
-    """Given cell states (shared-space coordinates), a start time and a horizon, return simulated states.
+def _param_type(value: Any) -> str:
+    return "boolean" if isinstance(value, bool) else "long" if isinstance(value, int) else "double"
 
-    Input: a DataFrame with columns ``z0..z{d-1}``, ``t_start`` and ``horizon`` (one row per cell).
-    Output: a DataFrame with columns ``z0..z{d-1}``: each cell's state at ``t_start + horizon``.
+
+class VirtualCellModel(mlflow.pyfunc.PythonModel):
+    """The virtual cell over MLflow: genes in, genes out (:class:`virtualcell.cellmodel.VirtualCell`).
+
+    Input: a DataFrame of cells x genes (gene names as columns; raw counts unless the model was
+    trained on normalised or log values), or the path of an .h5ad (``layers['counts']``, else ``X``). Params: ``horizon`` (time to simulate), ``t_start`` (the
+    cells' time), ``seed``, ``n_rollouts`` (fate simulations per cell), ``n_steps``, ``sample`` (false: the decoder's
+    mean expression rather than a sample).
+    Output: one row per cell: the simulated log-normalised expression of the training's highly
+    variable genes, the simulated state ``z0..`` and ``p_<fate>``, the probability of each fate.
+
+    Coordinates in, coordinates out: a DataFrame of only ``z0..z{d-1}`` (optionally ``t_start`` and
+    ``horizon`` per row) returns the states moved by the simulator, ``z0..`` only.
     """
 
     def load_context(self, context) -> None:
-        from virtualcell.models.dynamics import Simulator
+        from virtualcell.cellmodel import VirtualCell
 
-        self.simulator = Simulator.load(context.artifacts["simulator"])
+        self.cell = VirtualCell(context.artifacts["bundle"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        state_cols = [c for c in model_input.columns if c.startswith(STATE_PREFIX)]
-        states = model_input[state_cols].to_numpy(dtype=np.float32)
-        out = np.empty_like(states)
-        starts = model_input[T_START].to_numpy(dtype=float)
-        ends = starts + model_input[HORIZON].to_numpy(dtype=float)
-        # Cells that share a start and end time are integrated together (one batched ODE solve).
-        for t0, t1 in sorted(set(zip(starts, ends))):
-            rows = (starts == t0) & (ends == t1)
-            out[rows] = self.simulator.simulate(states[rows], t0=float(t0), t1=float(t1))
-        return pd.DataFrame(out, columns=state_cols, index=model_input.index)
+        from virtualcell.cellmodel import state_columns
+
+        params = dict(params or {})
+        horizon = float(params.get(HORIZON, 1.0))
+        t_start = float(params.get(T_START, self.cell.times[0]))
+        seed = int(params.get("seed", 0))
+        n_steps = int(params["n_steps"]) if params.get("n_steps") else None
+        states = state_columns(int(self.cell.meta["state_dim"]))
+        if isinstance(model_input, pd.DataFrame) and set(model_input.columns) <= {*states, T_START, HORIZON} and states[0] in model_input:
+            x = model_input[states].to_numpy(dtype=np.float32)
+            starts = model_input[T_START].to_numpy(dtype=float) if T_START in model_input else np.full(len(x), t_start)
+            spans = model_input[HORIZON].to_numpy(dtype=float) if HORIZON in model_input else np.full(len(x), horizon)
+            out = np.empty_like(x)
+            # Cells that share a start time and horizon are simulated together.
+            for t0, span in sorted(set(zip(starts, spans))):
+                rows = (starts == t0) & (spans == span)
+                out[rows] = self.cell.simulate(x[rows], t_start=float(t0), horizon=float(span), seed=seed,
+                                               n_steps=n_steps)
+            return pd.DataFrame(out, columns=states, index=model_input.index)
+        if isinstance(model_input, str | Path):
+            from virtualcell.cellmodel import read_cells
+
+            cells, values = read_cells(model_input)
+            model_input = pd.DataFrame(index=cells.obs_names)
+            genes = list(map(str, cells.var_names))
+        else:
+            values, genes = model_input.to_numpy(dtype=np.float64), list(map(str, model_input.columns))
+        prediction = self.cell.predict(
+            values, genes, horizon=horizon,
+            t_start=t_start, seed=seed, n_rollouts=int(params["n_rollouts"]) if params.get("n_rollouts") else None,
+            n_steps=n_steps, sample=bool(params.get("sample", True)))
+        return prediction.frame(index=model_input.index)
 
 
 # ---------------------------------------------------------------------------

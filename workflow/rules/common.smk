@@ -6,7 +6,7 @@ from snakemake.exceptions import WorkflowError
 
 from virtualcell import tracking
 from virtualcell.cli import ENV_CHECKPOINT_EVERY
-from virtualcell.config import validate_config
+from virtualcell.config import report_params, validate_config
 from virtualcell.errors import InputError
 from virtualcell.stages import DECODER_PARAMS, LAST, NO_HOLDOUT, check_holdouts, holdout_label, partner_modality
 
@@ -137,6 +137,20 @@ def get_decoder(wildcards):
     if config["simulate"]["space"] == "pca" or not get_holdouts(wildcards.dataset):
         return []
     return [f"{RESULTS}/{wildcards.dataset}/simulate/decoder.pt"]
+
+
+def get_encoder(wildcards):
+    """The RNA encoder, when the simulator's states are embeddings ([] for simulate.space pca)."""
+    if config["simulate"]["space"] == "pca":
+        return []
+    return [rules.embed.output.rna_model]
+
+
+def get_aligner(wildcards):
+    """The aligner, when the simulator's states are the shared space of an alignment."""
+    if config["simulate"]["space"] == "pca" or not alignment_partner(wildcards.dataset):
+        return []
+    return [rules.align.output.model]
 
 
 def simulator_args(wildcards):

@@ -2,7 +2,12 @@ rule report:
     input:
         simulator=f"{RESULTS}/{{dataset}}/simulate/{NO_HOLDOUT}/seed{config['simulate']['seed']}/simulator.pt",
         shared=get_state,
+        expression=rules.pair.output.data,
         metrics=rules.evaluate.output.metrics,
+        # what takes expression to the simulator's states and back (as its space needs)
+        encoder=get_encoder,
+        aligner=get_aligner,
+        decoder=get_decoder,
     output:
         model=f"{RESULTS}/{{dataset}}/report/model.json",
         summary=report(
@@ -12,7 +17,9 @@ rule report:
             labels={"dataset": "{dataset}"},
         ),
     params:
-        cfg=as_json({"register": config["mlflow"]["register"], "space": config["simulate"]["space"]}),
+        cfg=as_json(report_params(config)),
+        models=lambda wildcards, input: " ".join(
+            f"--{k} {input[k]}" for k in ("encoder", "aligner", "decoder") if input.get(k)),
     conda:
         "../../envs/evaluate.yaml"
     log:
@@ -25,6 +32,7 @@ rule report:
         runtime=res("report", "runtime", 30),
     shell:
         "virtualcell report --dataset {wildcards.dataset} --simulator {input.simulator}"
-        " --shared {input.shared} --metrics {input.metrics} --output {output.model}"
+        " --shared {input.shared} --expression {input.expression} --metrics {input.metrics} {params.models}"
+        " --output {output.model}"
         " --summary {output.summary}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

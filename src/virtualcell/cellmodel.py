@@ -1,0 +1,412 @@
+"""The virtual cell as a model people call: cells as gene expression in; simulated expression, states and fates out.
+
+A :class:`VirtualCell` is one directory (the *bundle*) holding what the pipeline trained for a
+dataset, with what it needs to measure new cells as QC measured the training cells:
+
+- ``virtualcell.json``: the genes QC kept (the input genes), the highly variable genes (the
+  output genes), how values were normalised, the simulator's state space, the observed times
+  and the fate names;
+- ``arrays.npz``: the pca5 projection and the states and fates of the last time point's cells
+  (what a simulated end state is classified against);
+- the model files: ``simulator.pt`` and, as the state space needs them, ``rna_encoder.pt``,
+  ``aligner.pt`` and ``decoder.pt``.
+
+Prediction, given counts of cells x genes (by name):
+
+1. genes are matched by name: genes the model was not trained on are ignored, missing ones
+   are zero-filled (both counted, with a warning);
+2. each cell's state: pca5 of its log-normalised highly variable genes (``simulate.space:
+   pca``), the RNA encoder's latent (RNA-only data), or the shared space of an aligned
+   dataset, from the RNA alone (see :meth:`VirtualCell.states`);
+3. the simulator moves the states from ``t_start`` by ``horizon``;
+4. the decoder (or, in pca5, the inverse projection) turns the end states into
+   log-normalised expression of the highly variable genes;
+5. fate probabilities: ``n_rollouts`` stochastic simulations of each cell to the last
+   observed time, each end state classified by its nearest real cells there.
+
+The MLflow pyfunc (:class:`virtualcell.tracking.VirtualCellModel`) and ``virtualcell
+predict`` both call this class; model and tracking code stay apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from virtualcell import io, reference
+from virtualcell.errors import InputError
+
+META = "virtualcell.json"
+ARRAYS = "arrays.npz"
+SIMULATOR, ENCODER, ALIGNER, DECODER = "simulator.pt", "rna_encoder.pt", "aligner.pt", "decoder.pt"
+FORMAT_VERSION = 1
+# Output column names beside the genes: the simulated state and the fate probabilities.
+STATE_PREFIX = "z"
+FATE_PREFIX = "p_"
+
+
+@dataclasses.dataclass
+class Prediction:
+    """What :meth:`VirtualCell.predict` returns; every array has one row per input cell.
+
+    ``expression`` (cells x ``genes``): simulated log-normalised expression at ``t_end``;
+    ``observed``: the input cells' own log-normalised expression of the same genes;
+    ``start`` / ``end``: states at ``t_start`` and ``t_end``; ``fates`` (cells x
+    ``fate_names``): probabilities of each fate at the last observed time; ``n_missing``
+    genes zero-filled and ``n_ignored`` input genes not used.
+    """
+
+    genes: list[str]
+    expression: np.ndarray
+    observed: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    fate_names: list[str]
+    fates: np.ndarray
+    t_start: float
+    t_end: float
+    n_missing: int
+    n_ignored: int
+
+    def frame(self, index: Any = None) -> pd.DataFrame:
+        """One table: the genes' simulated expression, then ``z0..`` (end state), then ``p_<fate>``."""
+        blocks = [
+            pd.DataFrame(self.expression, columns=self.genes, index=index),
+            pd.DataFrame(self.end, columns=state_columns(self.end.shape[1]), index=index),
+            pd.DataFrame(self.fates, columns=[FATE_PREFIX + f for f in self.fate_names], index=index),
+        ]
+        return pd.concat(blocks, axis=1)
+
+
+def state_columns(dim: int) -> list[str]:
+    return [f"{STATE_PREFIX}{i}" for i in range(dim)]
+
+
+class VirtualCell:
+    """A trained virtual cell, loaded from its bundle directory (:func:`write_bundle`)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        from virtualcell.models.contrastive import Aligner
+        from virtualcell.models.decoder import ExpressionDecoder
+        from virtualcell.models.dynamics import Simulator
+        from virtualcell.models.vae import CountEncoder
+
+        self.directory = Path(directory)
+        meta_file = self.directory / META
+        if not meta_file.exists():
+            raise InputError(f"{self.directory}: not a virtual cell (no {META}); point at the model the report "
+                             "step logged (models:/virtualcell-<dataset>/latest) or its bundle directory")
+        self.meta: dict[str, Any] = json.loads(meta_file.read_text())
+        with np.load(self.directory / ARRAYS, allow_pickle=False) as arrays:
+            self._arrays = {k: arrays[k] for k in arrays.files}
+        self.genes: list[str] = list(self.meta["genes"])
+        self.output_genes: list[str] = list(self.meta["hvg"])
+        self.space: str = self.meta["space"]
+        self.values: str = self.meta["values"]
+        self.times = np.asarray(self.meta["times"], dtype=float)
+        self.fate_names: list[str] = list(self.meta["fate_names"])
+        self._ref = {"genes": np.asarray(self.output_genes), "mean": self._arrays["pca_mean"],
+                     "components": self._arrays["pca_components"], "scale": self._arrays["pca_scale"],
+                     "target_sum": self.meta["target_sum"]}
+        self._index = {g: i for i, g in enumerate(self.genes)}
+        self._hvg = np.asarray([self._index[g] for g in self.output_genes])
+
+        def load(cls: type, name: str):
+            path = self.directory / name
+            return io.read_model(cls, path) if path.exists() else None
+
+        self.simulator = load(Simulator, SIMULATOR)
+        self.encoder = load(CountEncoder, ENCODER)
+        self.aligner = load(Aligner, ALIGNER)
+        self.decoder = load(ExpressionDecoder, DECODER)
+        needs = {"pca5": [], "rna_latent": ["encoder", "decoder"], "shared": ["encoder", "aligner", "decoder"]}
+        missing = [n for n in ["simulator", *needs[self.space]] if getattr(self, n) is None]
+        if missing:
+            raise InputError(f"{self.directory}: the bundle lacks its {', '.join(missing)}; rerun the report step")
+        self._classifier = None
+
+    # -- input ---------------------------------------------------------------------------------------
+
+    def match_genes(self, values: Any, genes: list[str]) -> tuple[Any, int, int]:
+        """``values`` (cells x ``genes``) as cells x the model's input genes: missing ones zero-filled.
+
+        Returns the matrix (sparse stays sparse), the number of model genes missing from the input
+        and the number of input genes the model does not use.
+        """
+        genes = [str(g) for g in genes]
+        if len(set(genes)) != len(genes):
+            dup = pd.Index(genes)[pd.Index(genes).duplicated()][:3].tolist()
+            raise InputError(f"input cells: duplicated gene names {dup}; make gene names unique "
+                             "(anndata's var_names_make_unique)")
+        src = np.asarray([i for i, g in enumerate(genes) if g in self._index])
+        dst = np.asarray([self._index[genes[i]] for i in src], dtype=int)
+        n_missing, n_ignored = len(self.genes) - len(src), len(genes) - len(src)
+        if len(src) == 0:
+            raise InputError(f"input cells: none of the {len(genes)} genes is one of the model's {len(self.genes)} "
+                             f"(e.g. {self.genes[:3]}); pass expression with gene names as columns (var_names)")
+        if n_missing or n_ignored:
+            warnings.warn(f"virtual cell: {n_missing} of the model's {len(self.genes)} genes are missing from the "
+                          f"input and were zero-filled; {n_ignored} input genes are not the model's and were ignored",
+                          stacklevel=2)
+        if sp.issparse(values):
+            picked = sp.csr_matrix(values, dtype=np.float64)[:, src]
+            out = sp.csr_matrix((picked.data, dst[picked.indices], picked.indptr),
+                                shape=(picked.shape[0], len(self.genes)))
+        else:
+            out = np.zeros((values.shape[0], len(self.genes)))
+            out[:, dst] = np.asarray(values, dtype=np.float64)[:, src]
+        check = out.data if sp.issparse(out) else out
+        if not np.isfinite(check).all():
+            raise InputError("input cells: NaN or infinite values; remove or impute them first")
+        if self.values != "log" and (check < 0).any():
+            raise InputError(f"input cells: negative values; the model was trained on {self.values} values "
+                             "(raw counts for counts): pass them, not scaled or centred data")
+        if self.values == "counts" and not np.array_equal(check, np.round(check)):
+            raise InputError("input cells: values are not whole numbers, but the model reads raw counts; pass the "
+                             "counts (an .h5ad's layers['counts'], say), not normalised or log expression")
+        return out, n_missing, n_ignored
+
+    def log_expression(self, values: Any) -> np.ndarray:
+        """Cells x the model's input genes, measured as QC measured the training cells: log-normalised
+        expression of the output (highly variable) genes."""
+        if self.values == "counts":
+            return reference.log_normalise(values, all_genes=self.genes, ref=self._ref)
+        x = values[:, self._hvg]
+        x = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+        return np.log1p(x) if self.values == "normalized" else x
+
+    def states(self, values: Any, log_expression: np.ndarray | None = None) -> np.ndarray:
+        """Each cell's state in the simulator's space, from its expression alone.
+
+        In the shared space of an aligned dataset a cell's state is the normalised sum of its RNA
+        and partner (protein, image) embeddings. Given RNA alone, the partner's embedding is
+        predicted from the RNA one by a ridge regression fitted on the training cells
+        (:func:`write_bundle`): on the test config's held-out cells the state's cosine to the one
+        with protein is 0.97 this way, 0.85 from the RNA embedding alone.
+        """
+        if self.space == "pca5":
+            log_x = self.log_expression(values) if log_expression is None else log_expression
+            return reference.project(log_x, self._ref).astype(np.float32)
+        x = values[:, self._hvg]
+        if self.values != "counts":
+            x = self.log_expression(values) if log_expression is None else log_expression
+        latent = self.encoder.encode(sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x)
+                                     else np.asarray(x, dtype=np.float32))
+        if self.space == "rna_latent":
+            return latent
+        za = self.aligner.embed("rna", latent).astype(np.float64)
+        zb = _unit(za @ self._arrays["partner_coef"].T + self._arrays["partner_intercept"])
+        return _unit(za + zb).astype(np.float32)
+
+    # -- prediction ----------------------------------------------------------------------------------
+
+    def expression(self, states: np.ndarray, *, sample: bool = True, seed: int = 0) -> np.ndarray:
+        """Log-normalised expression of the output genes in ``states`` (a sample, or with ``sample=False`` the means)."""
+        if self.space == "pca5":
+            # The inverse of the whitened projection: the expression's part in the 5 components.
+            return (np.asarray(states, dtype=np.float64) * self._ref["scale"]) @ self._ref["components"] \
+                + self._ref["mean"]
+        return self.decoder.decode(np.asarray(states, dtype=np.float32), sample=sample, seed=seed)
+
+    def fates(self, states: np.ndarray, *, t_start: float, n_rollouts: int, n_steps: int, seed: int) -> np.ndarray:
+        """Probabilities of each fate at the last observed time, from ``n_rollouts`` simulations per cell."""
+        from virtualcell import timecourse as tc
+
+        if self._classifier is None:
+            self._classifier = tc.fate_classifier(self._arrays["fate_states"], self._arrays["fate_labels"],
+                                                  seed=int(self.meta["seed"]))
+        clf = self._classifier
+        t_end = float(self.times[-1])
+        if t_start >= t_end or not self.simulator.stochastic:
+            # Nothing left to simulate, or a deterministic model: one path per cell is its fate.
+            end = states if t_start >= t_end else self.simulator.simulate(
+                states, t0=t_start, t1=t_end, n_steps=n_steps, seed=seed)
+            return clf.predict_proba(end)
+        return tc.simulated_fates(self.simulator, clf, states, np.full(len(states), t_start), t_end=t_end,
+                                  n_rollouts=n_rollouts, n_steps=n_steps, seed=seed)
+
+    def simulate(self, states: np.ndarray, *, t_start: float, horizon: float, seed: int = 0,
+                 n_steps: int | None = None) -> np.ndarray:
+        """States moved from ``t_start`` by ``horizon`` (coordinates in, coordinates out)."""
+        states = np.asarray(states, dtype=np.float32)
+        if horizon < 0:
+            raise InputError(f"horizon {horizon}: must be >= 0 (the simulator runs forwards in time)")
+        if horizon == 0:
+            return states.copy()
+        return self.simulator.simulate(states, t0=float(t_start), t1=float(t_start + horizon),
+                                       n_steps=n_steps or int(self.meta["n_steps"]), seed=seed)
+
+    def predict(self, values: Any, genes: list[str], *, horizon: float, t_start: float | None = None,
+                seed: int = 0, n_rollouts: int | None = None, n_steps: int | None = None,
+                sample: bool = True) -> Prediction:
+        """Simulate cells given as expression (cells x ``genes``, the training data's kind of values).
+
+        Parameters
+        ----------
+        values, genes
+            Expression of the cells (counts, unless the model was trained on normalised or log
+            values: ``meta['values']``), dense or sparse, and the names of its columns.
+        horizon
+            Time to simulate forward, in the units of the training time labels.
+        t_start
+            The cells' time; default the first observed time point.
+        seed
+            Seed of the stochastic simulation and of decoder draws: same seed, same answer.
+        n_rollouts
+            Simulations per cell for fate probabilities (default: the evaluation's).
+        n_steps
+            Integration steps per simulation (default: the evaluation's).
+        sample
+            Decode a sample of each gene (the default: simulated cells keep the spread of real ones,
+            as the evaluation judges them), or with ``False`` the decoder's means: denoised, but
+            under-dispersed (on the test config their pca5 W1 to the real cells is 1.3x the sample's).
+        """
+        t_start = float(self.times[0] if t_start is None else t_start)
+        matched, n_missing, n_ignored = self.match_genes(values, genes)
+        observed = self.log_expression(matched)
+        start = self.states(matched, observed)
+        end = self.simulate(start, t_start=t_start, horizon=horizon, seed=seed, n_steps=n_steps)
+        n_steps = n_steps or int(self.meta["n_steps"])
+        fates = self.fates(start, t_start=t_start, n_rollouts=n_rollouts or int(self.meta["n_rollouts"]),
+                           n_steps=n_steps, seed=seed)
+        return Prediction(genes=self.output_genes, expression=np.asarray(self.expression(end, sample=sample,
+                                                                                         seed=seed)),
+                          observed=observed, start=start, end=end, fate_names=self.fate_names, fates=fates,
+                          t_start=t_start, t_end=t_start + horizon, n_missing=n_missing, n_ignored=n_ignored)
+
+
+def write_bundle(directory: str | Path, *, shared: Any, simulator: str, encoder: str | None, aligner: str | None,
+                 decoder: str | None, space: str, n_steps: int, n_rollouts: int, seed: int) -> Path:
+    """Gather what a :class:`VirtualCell` needs from the pipeline's files into ``directory``.
+
+    ``shared`` is the state file the simulator was trained on (AnnData: obs ``time`` and, when
+    known, ``celltype``; ``uns['pca5']``); the model files are copied; the encoder and aligner are
+    left out when the state space does not use them.
+    """
+    from virtualcell import stages
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state_name, x = stages.state_of(shared, space)
+    ref_uns = shared.uns[reference.KEY]
+    ref = reference.from_uns(ref_uns)
+    times = stages.observed_times(shared.obs, origin="the state file")
+    t = shared.obs["time"].to_numpy(dtype=float)
+    last = t == times[-1]
+    labels = shared.obs["celltype"].astype(str).to_numpy()[last] if "celltype" in shared.obs else None
+    from virtualcell import timecourse as tc
+
+    clf = tc.fate_classifier(x[last], labels, seed=seed)
+    fate_names = [str(c) for c in clf.classes_]
+    if labels is None:
+        # Unlabelled cells get their fates by clustering (as evaluate does); the clusters are stored as labels.
+        labels = clf.predict(x[last])
+    genes = [str(g) for g in np.asarray(ref_uns["all_genes"])]
+    hvg = [str(g) for g in ref["genes"]]
+    clash = {g for g in hvg if g.startswith(FATE_PREFIX) or g in state_columns(x.shape[1])}
+    if clash:
+        raise InputError(f"gene names {sorted(clash)[:3]} clash with the virtual cell's output columns "
+                         f"({STATE_PREFIX}0.., {FATE_PREFIX}<fate>); rename them")
+    meta = {"format": FORMAT_VERSION, "space": state_name, "values": ref["values"],
+            "target_sum": None if not np.isfinite(ref["target_sum"]) else float(ref["target_sum"]),
+            "genes": genes, "hvg": hvg, "times": times.tolist(), "fate_names": fate_names,
+            "state_dim": int(x.shape[1]), "n_steps": int(n_steps), "n_rollouts": int(n_rollouts), "seed": int(seed)}
+    (directory / META).write_text(json.dumps(meta, indent=1))
+    arrays = {"pca_mean": ref["mean"], "pca_components": ref["components"], "pca_scale": ref["scale"],
+              "fate_states": x[last].astype(np.float32), "fate_labels": np.asarray(labels, dtype=str)}
+    if state_name == "shared":
+        arrays |= _partner_predictor(shared)
+    np.savez(directory / ARRAYS, **arrays)
+    files = {SIMULATOR: simulator, ENCODER: encoder if state_name != reference.SPACE else None,
+             ALIGNER: aligner if state_name == "shared" else None,
+             DECODER: decoder if state_name != reference.SPACE else None}
+    for name, path in files.items():
+        if path:
+            (directory / name).write_bytes(Path(path).read_bytes())
+    return directory
+
+
+def example_input(rna: ad.AnnData, n: int = 5) -> pd.DataFrame:
+    """An input example: ``n`` cells' values as measured (raw counts, for counts) with gene names as columns."""
+    x = rna.layers[io.raw_layer(rna)][:n]
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    return pd.DataFrame(x.astype(np.float64), columns=[str(g) for g in rna.var_names], index=rna.obs_names[:n])
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-12)
+
+
+def _partner_predictor(shared: ad.AnnData) -> dict[str, np.ndarray]:
+    """A ridge regression from the RNA's shared embedding to the partner's, on the training cells.
+
+    It lets a cell measured by RNA alone reach the shared space the simulator was trained in
+    (issue 13's latent predictor is the learned version of this).
+    """
+    from sklearn.linear_model import Ridge
+
+    from virtualcell.stages import PARTNER, SHARED_RNA, shared_key
+
+    train = (shared.obs["split"] == "train").to_numpy() if "split" in shared.obs else np.ones(shared.n_obs, bool)
+    za = np.asarray(shared.obsm[SHARED_RNA], dtype=np.float64)[train]
+    zb = np.asarray(shared.obsm[shared_key(shared.uns[PARTNER])], dtype=np.float64)[train]
+    fit = Ridge(alpha=1.0).fit(za, zb)
+    return {"partner_coef": fit.coef_, "partner_intercept": fit.intercept_}
+
+
+def read_cells(path: str | Path, *, layer: str | None = None) -> tuple[ad.AnnData, Any]:
+    """An .h5ad of cells and the matrix a virtual cell reads: ``layer``, else ``layers['counts']`` when
+    there is one (scanpy keeps raw counts there beside log-normalised ``X``), else ``X``."""
+    cells = io.read_h5ad(path)
+    if layer is None:
+        layer = "counts" if "counts" in cells.layers else None
+    if layer is not None and layer not in cells.layers:
+        raise InputError(f"{path}: no layer '{layer}' (layers: {list(cells.layers)}); choose one of them or omit "
+                         "--layer to read X")
+    return cells, cells.layers[layer] if layer else cells.X
+
+
+def predict_h5ad(cell: VirtualCell, path: str | Path, output: str | Path, *, horizon: float,
+                 t_start: float | None = None, seed: int = 0, n_rollouts: int | None = None,
+                 sample: bool = True, layer: str | None = None, model: str = "") -> ad.AnnData:
+    """Predict the cells of an .h5ad and write them, with the answer in documented slots, to ``output``.
+
+    Written (cells as in the input, genes: the model's output genes):
+
+    - ``X``: the input cells' own log-normalised expression, measured as the training cells were;
+    - ``layers['simulated']``: simulated log-normalised expression at ``t_start + horizon``;
+    - ``obsm['X_state']`` / ``obsm['X_state_simulated']``: the states at ``t_start`` and after;
+    - ``obsm['fate_probabilities']`` (a DataFrame, one column per fate) and ``obs['predicted_fate']``;
+    - ``uns['virtualcell']``: the model, times, seed, and the genes zero-filled or ignored.
+    """
+    cells, values = read_cells(path, layer=layer)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            answer = cell.predict(values, list(cells.var_names), horizon=horizon, t_start=t_start, seed=seed,
+                                  n_rollouts=n_rollouts, sample=sample)
+    except InputError as exc:
+        raise InputError(f"{path}: {str(exc).removeprefix('input cells: ')}") from None
+    for w in caught:
+        if "virtual cell" in str(w.message):
+            print(f"[virtualcell] {path}: {w.message}", flush=True)
+    out = ad.AnnData(X=answer.observed.astype(np.float32), obs=cells.obs.copy(),
+                     var=pd.DataFrame(index=pd.Index(answer.genes, name=cells.var_names.name)))
+    out.layers["simulated"] = answer.expression.astype(np.float32)
+    out.obsm["X_state"], out.obsm["X_state_simulated"] = answer.start, answer.end
+    out.obsm["fate_probabilities"] = pd.DataFrame(answer.fates, index=out.obs_names, columns=answer.fate_names)
+    out.obs["predicted_fate"] = pd.Categorical(np.asarray(answer.fate_names)[answer.fates.argmax(axis=1)],
+                                               categories=answer.fate_names)
+    out.uns["virtualcell"] = {"model": model, "space": cell.space, "horizon": float(horizon),
+                              "t_start": answer.t_start, "t_end": answer.t_end, "seed": int(seed),
+                              "n_missing_genes": answer.n_missing, "n_ignored_genes": answer.n_ignored}
+    io.write_h5ad(out, output)
+    return out
