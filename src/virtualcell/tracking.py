@@ -63,6 +63,8 @@ ABANDONED = (
 )
 
 TAG_RULE = "virtualcell.rule"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # read by the MLflow 3 UI to choose the experiment's first page
+EXPERIMENT_KIND = "custom_model_development"
 TAG_WILDCARDS = "virtualcell.wildcards"
 TAG_JOBID = "snakemake.jobid"
 TAG_UPSTREAM = "virtualcell.upstream_runs"
@@ -159,6 +161,10 @@ def _experiment_id(experiment: str, uri: str) -> str:
                 raise
             experiment_id = found.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
+    if found is None or found.tags.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND:
+        # MLflow 3's UI opens an experiment by its kind; untagged, it lands on the GenAI overview
+        # ("Traces 0") rather than the runs, so say what this experiment is.
+        mlflow.set_experiment_tag(TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     return experiment_id
 
 
@@ -505,7 +511,8 @@ def job_run(
     commit = git_commit()
     if commit:
         tags[TAG_GIT] = commit
-    run_name = "-".join([rule, *[str(v) for v in wildcards.values()]])
+    # Reads well in the run list: "simulate synthetic 2 seed1", "evaluate synthetic".
+    run_name = " ".join([rule, *[f"seed{v}" if k == "seed" else str(v) for k, v in wildcards.items()]])
     active = _with_retry(
         lambda: mlflow.start_run(run_name=run_name, parent_run_id=parent_id, tags=tags)
     )
