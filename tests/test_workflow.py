@@ -95,6 +95,9 @@ def test_outputs_and_metrics(workflow_run):
     assert set(retrieval) == {"foscttm", "top1", "top5", "match_prob"}
     assert retrieval["foscttm"]["model"] < retrieval["foscttm"]["random"]
     assert (workflow_run / "results" / "report.html").stat().st_size > 10_000
+    # the report opens on a page saying what won, each headline beside its baseline
+    page = (results / "report" / "summary.html").read_text()
+    assert page.count(" won</b>") >= 4 and f"{w1['ot_interp']:.3f}" in page
     for figure in ["qc/figures/rna.png", "qc/figures/prot.png", "qc/figures/spatial.png",
                    "embed/loss.png", "align/loss.png", "simulate/2/seed0/trajectories.png",
                    "simulate/last/seed0/trajectories.png", "simulate/none/seed0/trajectories.png",

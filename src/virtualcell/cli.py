@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--metrics")
     _add(p, "--output")
     _add(p, "--summary")
+    _add(p, "--page", required=False, default=None, help="the one-page HTML summary (what won) to write")
 
     p = sub.add_parser("predict", help="ask the virtual cell: simulate the cells of an .h5ad forward in time",
                        description="Simulate cells forward with a logged virtual cell and write the answer into "
@@ -255,16 +256,16 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
                 lambda p, run: stages.evaluate(shared=args.shared, simulators=simulators, output=args.output,
                                                figure=args.figure, dataset=args.dataset, params=p, run=run,
                                                space=args.space, fates=args.fates, fate_figure=args.fate_figure,
-                                               decoder=args.decoder))
+                                               decoder=args.decoder, page=args.page))
     if args.stage == "report":
         models = [f for f in (args.encoder, args.aligner, args.decoder) if f]
         return ("report", [args.simulator, args.shared, args.expression, args.metrics, *models],
-                [args.output, args.summary], wildcards,
+                [args.output, args.summary, *filter(None, [args.page])], wildcards,
                 lambda p, run: stages.register(simulator=args.simulator, shared=args.shared,
                                                expression=args.expression, metrics=args.metrics,
                                                output=args.output, summary=args.summary, dataset=args.dataset,
                                                params=p, run=run, encoder=args.encoder, aligner=args.aligner,
-                                               decoder=args.decoder))
+                                               decoder=args.decoder, page=args.page))
     raise AssertionError(args.stage)
 
 

@@ -633,7 +633,7 @@ def _flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, flo
 
 def register(*, simulator: str, shared: str, expression: str, metrics: str, output: str, summary: str,
              dataset: str, params: Mapping[str, Any], run: JobRun, encoder: str | None = None,
-             aligner: str | None = None, decoder: str | None = None) -> None:
+             aligner: str | None = None, decoder: str | None = None, page: str | None = None) -> None:
     """Log the virtual cell (genes in, genes out: :mod:`virtualcell.cellmodel`) as a pyfunc model and
     register it as ``virtualcell-{dataset}``, with the summary of the metrics it was judged by.
 
@@ -643,6 +643,7 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
     import tempfile
 
     from virtualcell import cellmodel
+    from virtualcell import summary as headlines
     from virtualcell.models.dynamics import Simulator
 
     io.read_model(Simulator, simulator)  # a corrupt file fails here, named, not inside MLflow
@@ -679,24 +680,15 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
         uri = run.log_virtual_cell(bundle, name="virtualcell", registered_model_name=name, input_example=example,
                                    output_example=answer.frame(index=example.index), params=call,
                                    description=description, tags=judged)
-    rows = []
-    sim = values.get("simulation", {})
-    for section, block in [("simulation (mean over holdouts)", sim.get("mean", {})),
-                           *[(f"extrapolation t={h}", v) for h, v in sim.get("extrapolation", {}).items()],
-                           ("fate probabilities vs truth", values.get("fate", {}))]:
-        for d, by_method in block.items():
-            if d == "std":
-                continue
-            if isinstance(by_method, Mapping):
-                rows += [{"section": section, "metric": d, "method": m, "value": v} for m, v in by_method.items()]
-            elif isinstance(by_method, int | float):
-                rows.append({"section": section, "metric": d, "method": "model", "value": by_method})
-    for pair_name, section in values.get("alignment", {}).items():
-        rows += [{"section": f"alignment {pair_name}", "metric": d, "method": m, "value": v}
-                 for d, by_method in section.items() for m, v in by_method.items()]
-    table = pd.DataFrame(rows)
+    table = headlines.table(values)
     run.log_table(table, "summary.tsv")
     io.write_table(table, summary)
+    if page:
+        text = headlines.html_page(dataset, values, model=name or uri)
+        run.log_text(text, "summary.html")
+        io.atomic_write(page, lambda tmp: tmp.write_text(text))
+    for sentence in headlines.verdicts(values):
+        say(f"summary: {sentence.replace('**', '')}")
     io.write_json({"dataset": dataset, "model_uri": uri, "registered_model": name, "space": cell.space,
                    "state_dim": int(cell.meta["state_dim"]), "genes_in": len(cell.genes),
                    "genes_out": len(cell.output_genes), "fates": cell.fate_names}, output)

@@ -317,8 +317,9 @@ def start_workflow_run(
 
 
 def end_workflow_run(*, uri: str, parent_run_file: str | Path, status: str,
-                     log: str | Iterable[str] | None = None) -> None:
-    """Close the parent run (FINISHED or FAILED) and attach the Snakemake log(s).
+                     log: str | Iterable[str] | None = None, summaries: Iterable[str | Path] = ()) -> None:
+    """Close the parent run (FINISHED or FAILED) and attach the Snakemake log(s) and the datasets'
+    summaries (``summaries``: the report step's summary tables and pages that exist, under ``summary/``).
 
     Job runs still open under it belong to jobs that were killed (out of memory, a time
     limit) while the workflow went on: they end KILLED. The parent-run file is removed.
@@ -333,6 +334,9 @@ def end_workflow_run(*, uri: str, parent_run_file: str | Path, status: str,
     for log_path in [log] if isinstance(log, str) else (log or []):
         if Path(log_path).exists():
             client.log_artifact(run_id, str(log_path), artifact_path="snakemake")
+    for summary in map(Path, summaries):
+        if summary.exists():
+            client.log_artifact(run_id, str(summary), artifact_path=f"summary/{summary.parent.parent.name}")
     experiment_id = client.get_run(run_id).info.experiment_id
     for child in client.search_runs(
         [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"
@@ -392,6 +396,10 @@ class JobRun:
         """Log a pandas DataFrame as a TSV artifact."""
 
         mlflow.log_text(table.to_csv(sep="\t", index=True), name)
+
+    def log_text(self, text: str, name: str) -> None:
+
+        mlflow.log_text(text, name)
 
     def log_artifact(self, path: str | Path, *, artifact_path: str | None = None) -> None:
 
@@ -462,7 +470,10 @@ class NullRun(JobRun):
     def set_tags(self, tags):  # noqa: D102
         pass
 
-    def log_simulator(self, checkpoint, *, name, registered_model_name, input_example):  # noqa: D102
+    def log_text(self, text, name):  # noqa: D102
+        pass
+
+    def log_virtual_cell(self, bundle, **kwargs):  # noqa: D102
         return ""
 
 

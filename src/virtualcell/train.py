@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -257,6 +258,7 @@ def fit(
             print(f"resuming from {checkpoint_path} at epoch {start}/{epochs}", file=sys.stderr)
 
     report_every = max(1, math.ceil(epochs / 10))
+    started = time.monotonic()
     generator = torch.Generator()
     for epoch in range(start, epochs):
         s = epoch_seed(seed, epoch)
@@ -309,6 +311,9 @@ def fit(
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if progress and (done % report_every == 0 or done == epochs):
-            print(f"epoch {done}/{epochs}  {_format_metrics(metrics)}", file=sys.stderr)
+            elapsed = time.monotonic() - started
+            eta = elapsed / (done - start) * (epochs - done)
+            print(f"epoch {done}/{epochs}  {_format_metrics(metrics)}  ({elapsed:.0f} s, ETA {eta:.0f} s)",
+                  file=sys.stderr, flush=True)
     module.eval()
     return history

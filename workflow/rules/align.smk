@@ -8,7 +8,7 @@ rule align:
         figure=report(
             f"{RESULTS}/{{dataset}}/align/loss.png",
             caption="../report/align.rst",
-            category="Alignment",
+            category="4. Alignment",
             labels={"dataset": "{dataset}"},
         ),
     params:

@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 
 import numpy as np
 from snakemake.exceptions import WorkflowError
@@ -9,6 +10,7 @@ from virtualcell.cli import ENV_CHECKPOINT_EVERY
 from virtualcell.config import report_params, validate_config
 from virtualcell.errors import InputError
 from virtualcell.stages import DECODER_PARAMS, LAST, NO_HOLDOUT, check_holdouts, holdout_label, partner_modality
+from virtualcell.summary import where_things_are
 
 try:
     # In place: Snakemake keeps its own reference to this dict.
@@ -197,7 +199,10 @@ onstart:
 
 
 onsuccess:
-    tracking.end_workflow_run(uri=TRACKING_URI, parent_run_file=PARENT_RUN_FILE, status="FINISHED", log=log)
+    summaries = [f"{RESULTS}/{d}/report/summary.{ext}" for d in config["datasets"] for ext in ("tsv", "html")]
+    tracking.end_workflow_run(uri=TRACKING_URI, parent_run_file=PARENT_RUN_FILE, status="FINISHED", log=log,
+                              summaries=summaries)
+    print(where_things_are(RESULTS, list(config["datasets"]), tracking_uri=TRACKING_URI), file=sys.stderr)
 
 
 onerror:

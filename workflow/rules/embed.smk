@@ -8,7 +8,7 @@ rule embed:
         figure=report(
             f"{RESULTS}/{{dataset}}/embed/loss.png",
             caption="../report/embed.rst",
-            category="Embedding",
+            category="3. Embedding",
             labels={"dataset": "{dataset}"},
         ),
     params:

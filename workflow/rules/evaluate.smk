@@ -9,13 +9,13 @@ rule evaluate:
         figure=report(
             f"{RESULTS}/{{dataset}}/evaluate/evaluation.png",
             caption="../report/evaluate.rst",
-            category="Evaluation",
+            category="6. Evaluation",
             labels={"dataset": "{dataset}"},
         ),
         fate_figure=report(
             f"{RESULTS}/{{dataset}}/evaluate/fates.png",
             caption="../report/fates.rst",
-            category="Evaluation",
+            category="6. Evaluation",
             labels={"dataset": "{dataset}", "figure": "fates"},
         ),
     params:

@@ -8,7 +8,7 @@ rule qc:
             directory(f"{RESULTS}/{{dataset}}/qc/figures"),
             patterns=["{name}.png"],
             caption="../report/qc.rst",
-            category="Quality control",
+            category="2. Quality control",
             labels={"dataset": "{dataset}", "modality": "{name}"},
         ),
     params:

@@ -13,8 +13,14 @@ rule report:
         summary=report(
             f"{RESULTS}/{{dataset}}/report/summary.tsv",
             caption="../report/summary.rst",
-            category="Summary",
-            labels={"dataset": "{dataset}"},
+            category="1. Summary",
+            labels={"dataset": "{dataset}", "what": "every headline number"},
+        ),
+        page=report(
+            f"{RESULTS}/{{dataset}}/report/summary.html",
+            caption="../report/summary_page.rst",
+            category="1. Summary",
+            labels={"dataset": "{dataset}", "what": "what won"},
         ),
     params:
         cfg=as_json(report_params(config)),
@@ -34,5 +40,5 @@ rule report:
         "virtualcell report --dataset {wildcards.dataset} --simulator {input.simulator}"
         " --shared {input.shared} --expression {input.expression} --metrics {input.metrics} {params.models}"
         " --output {output.model}"
-        " --summary {output.summary}"
+        " --summary {output.summary} --page {output.page}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

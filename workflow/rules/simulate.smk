@@ -6,7 +6,7 @@ rule simulate:
         figure=report(
             f"{RESULTS}/{{dataset}}/simulate/{{holdout}}/seed{{seed}}/trajectories.png",
             caption="../report/simulate.rst",
-            category="Simulation",
+            category="5. Simulation",
             subcategory="{dataset}",
             labels={"dataset": "{dataset}", "held-out time": "{holdout}", "seed": "{seed}"},
         ),

@@ -1,0 +1,132 @@
+"""The headline numbers of a dataset, beside their baselines, and a sentence saying what won.
+
+metrics.json (:func:`virtualcell.stages.evaluate`) holds every number; this module picks the
+headlines a reader looks for first: the held-out time points, extrapolation, fates and
+cross-modal retrieval. It writes them as a table (``summary.tsv``, one row per number) and
+as a one-page HTML summary at the top of the Snakemake report, and says where things are when
+the workflow ends.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+W1 = "w1_pca5"
+LABELS = {"ot_interp": "OT interpolation", "copy_last": "copying the last time point", "oracle": "oracle",
+          "no_dynamics": "no dynamics (the nearest late cells' fate)", "cca": "CCA"}
+
+
+def table(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """Every headline number, one row each: section, metric, method, value."""
+    rows = []
+    sim = metrics.get("simulation", {})
+    for section, block in [("simulation (mean over holdouts)", sim.get("mean", {})),
+                           *[(f"extrapolation t={h}", v) for h, v in sim.get("extrapolation", {}).items()],
+                           ("fate probabilities vs truth", metrics.get("fate", {}))]:
+        for d, by_method in block.items():
+            if d == "std":
+                continue
+            if isinstance(by_method, Mapping):
+                rows += [{"section": section, "metric": d, "method": m, "value": v} for m, v in by_method.items()]
+            elif isinstance(by_method, int | float):
+                rows.append({"section": section, "metric": d, "method": "model", "value": by_method})
+    for pair_name, section in metrics.get("alignment", {}).items():
+        rows += [{"section": f"alignment {pair_name}", "metric": d, "method": m, "value": v}
+                 for d, by_method in section.items() for m, v in by_method.items()]
+    return pd.DataFrame(rows, columns=["section", "metric", "method", "value"])
+
+
+def _versus(name: str, scores: Mapping[str, float], *, baseline: str, lower_better: bool, unit: str,
+            floor: str | None = None) -> str:
+    model, base = scores.get("model"), scores.get(baseline)
+    if model is None or base is None:
+        return ""
+    won = model < base if lower_better else model > base
+    ratio = f" ({model / base:.2f}x)" if lower_better and base else ""
+    label = LABELS.get(baseline, baseline)
+    text = (f"{name}: the model scores {model:.3f} against {label} {base:.3f}{ratio} "
+            f"({unit}, {'lower' if lower_better else 'higher'} is better)")
+    if floor and floor in scores:
+        text += f"; the {LABELS.get(floor, floor)} (the best possible) is {scores[floor]:.3f}"
+    return text + (": **the model won**." if won else f": **{label} won**.")
+
+
+def verdicts(metrics: Mapping[str, Any]) -> list[str]:
+    """One sentence per headline: the model's number, its baseline's, and which won."""
+    out = []
+    sim = metrics.get("simulation", {})
+    mean = sim.get("mean", {})
+    if W1 in mean:
+        n = len(sim.get("holdouts", {}))
+        text = _versus(f"Held-out time points (mean of {n})", mean[W1], baseline="ot_interp", lower_better=True,
+                       unit="W1 in pca5", floor="oracle")
+        if "gap_closed" in mean:
+            text += f" Gap to the oracle closed: {mean['gap_closed']:.2f} (1 is the truth, 0 interpolation)."
+        out.append(text)
+    for held, block in sim.get("extrapolation", {}).items():
+        if W1 in block:
+            out.append(_versus(f"Extrapolation to t={held}", block[W1], baseline="copy_last", lower_better=True,
+                               unit="W1 in pca5", floor="oracle"))
+    fate = metrics.get("fate", {})
+    for key, label in (("pearson_r", "Fate probabilities vs the truth (Pearson r)"),
+                       ("auroc_committed", "Fates of committed cells (AUROC)")):
+        if key in fate:
+            out.append(_versus(label, fate[key], baseline="no_dynamics", lower_better=False, unit=key))
+    for pair_name, section in metrics.get("alignment", {}).items():
+        if "foscttm" in section:
+            out.append(_versus(f"Cross-modal matching {pair_name} (FOSCTTM)", section["foscttm"], baseline="cca",
+                               lower_better=True, unit="FOSCTTM"))
+    return [s for s in out if s]
+
+
+def html_page(dataset: str, metrics: Mapping[str, Any], *, model: str | None) -> str:
+    """The one-page summary: what won, in sentences, then every headline number beside its baselines."""
+    rows = table(metrics)
+    sentences = "".join(
+        "<li>" + html.escape(s).replace("**", "<b>", 1).replace("**", "</b>", 1) + "</li>" for s in verdicts(metrics))
+    blocks = []
+    for section, part in rows.groupby("section", sort=False):
+        counts = part[part["metric"].str.startswith("n_")]
+        part = part[~part["metric"].str.startswith("n_")]
+        wide = part.pivot_table(index="metric", columns="method", values="value", aggfunc="first", sort=False)
+        cols = ["model", *[c for c in wide.columns if c != "model"]]
+        blocks.append(f"<h3>{html.escape(section)}</h3>"
+                      + wide[[c for c in cols if c in wide.columns]].to_html(float_format=lambda v: f"{v:.3f}",
+                                                                              na_rep="", border=0)
+                      + "".join(f"<p>{html.escape(r.metric.removeprefix('n_'))}: {r.value:.0f}</p>"
+                                for r in counts.itertuples()))
+    served = (f"<p>The virtual cell is registered as <code>{html.escape(model)}</code>: see the README's "
+              "<i>Ask the virtual cell</i>.</p>") if model else ""
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>virtualcell summary: "
+        f"{html.escape(dataset)}</title><style>body{{font-family:sans-serif;max-width:60em;margin:1em auto}}"
+        "table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right}"
+        "tr:nth-child(even){background:#f3f3f3}</style></head><body>"
+        f"<h2>virtualcell: {html.escape(dataset)}</h2><ul>{sentences}</ul>{served}{''.join(blocks)}"
+        "<p>Every number is from this run, on the same split and in the same space as its baselines "
+        "(results/" f"{html.escape(dataset)}/evaluate/metrics.json).</p></body></html>"
+    )
+
+
+def where_things_are(results: str | Path, datasets: list[str], *, tracking_uri: str) -> str:
+    """What the workflow prints when it ends: the headlines, and where results, report and MLflow are."""
+    lines = [f"virtualcell: results in {results}/"]
+    for dataset in datasets:
+        metrics = Path(results, dataset, "evaluate", "metrics.json")
+        if metrics.exists():
+            for sentence in verdicts(json.loads(metrics.read_text())):
+                lines.append(f"  {dataset}: {sentence.replace('**', '')}")
+    lines += [
+        "  the report: snakemake --report results/report.html (then open it in a browser)",
+        f"  MLflow: mlflow ui --backend-store-uri {tracking_uri.partition('?')[0]}" if tracking_uri.startswith("sqlite")
+        else f"  MLflow: {tracking_uri}",
+        "  ask the virtual cell: virtualcell predict --model models:/virtualcell-<dataset>/latest "
+        "--input cells.h5ad --horizon 1 --output out.h5ad",
+    ]
+    return "\n".join(lines)
