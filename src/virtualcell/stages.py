@@ -666,20 +666,18 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
             f"({cell.meta['state_dim']} dimensions) and returns {len(cell.output_genes)} genes and fates "
             f"{cell.fate_names}")
         mean = values.get("simulation", {}).get("mean", {})
-        judged = {f"{m}.{k}": v for m, by in mean.items() if isinstance(by, Mapping) and m != "std"
-                  for k, v in by.items()} | {f"fate.{m}.{k}": v for m, by in values.get("fate", {}).items()
-                                            if isinstance(by, Mapping) and m != "std" for k, v in by.items()}
-        description = (
+        about = (
             f"The virtual cell of {dataset}: counts of cells x genes (gene names as columns, "
             f"{cell.values} values) in, with params horizon and t_start (times {cell.times.tolist()}); out: "
             f"simulated log-normalised expression of {len(cell.output_genes)} genes, the state z0..z"
-            f"{cell.meta['state_dim'] - 1} ({cell.space} space) and p_<fate> for fates {cell.fate_names}. "
-            f"Judged on held-out time points: mean W1 (pca5) model "
-            f"{mean.get('w1_pca5', {}).get('model', float('nan')):.3f} vs OT interpolation "
-            f"{mean.get('w1_pca5', {}).get('ot_interp', float('nan')):.3f}.")
+            f"{cell.meta['state_dim'] - 1} ({cell.space} space) and p_<fate> for fates {cell.fate_names}.")
+        judged = (f" Judged on held-out time points: mean W1 (pca5) model "
+                  f"{mean.get('w1_pca5', {}).get('model', float('nan')):.3f} vs OT interpolation "
+                  f"{mean.get('w1_pca5', {}).get('ot_interp', float('nan')):.3f}.")
         uri = run.log_virtual_cell(bundle, name="virtualcell", registered_model_name=name, input_example=example,
                                    output_example=answer.frame(index=example.index), params=call,
-                                   description=description, tags=judged)
+                                   description=about + judged, model_description=about,
+                                   tags=headlines.headline_tags(values))
     table = headlines.table(values)
     run.log_table(table, "summary.tsv")
     io.write_table(table, summary)

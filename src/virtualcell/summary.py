@@ -85,6 +85,18 @@ def verdicts(metrics: Mapping[str, Any]) -> list[str]:
     return [s for s in out if s]
 
 
+def headline_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """A few headline numbers for the registered version's tags (the full table is an artifact)."""
+    sim = metrics.get("simulation", {})
+    picks = {f"heldout.{W1}.{m}": sim.get("mean", {}).get(W1, {}).get(m) for m in ("model", "ot_interp", "oracle")}
+    picks["heldout.gap_closed"] = sim.get("mean", {}).get("gap_closed")
+    for held, block in sim.get("extrapolation", {}).items():
+        picks |= {f"extrapolation.t{held}.{W1}.{m}": block.get(W1, {}).get(m) for m in ("model", "copy_last")}
+    fate = metrics.get("fate", {}).get("pearson_r", {})
+    picks |= {f"fate.pearson_r.{m}": fate.get(m) for m in ("model", "no_dynamics")}
+    return {k: f"{v:.3f}" for k, v in picks.items() if isinstance(v, int | float)}
+
+
 def html_page(dataset: str, metrics: Mapping[str, Any], *, model: str | None) -> str:
     """The one-page summary: what won, in sentences, then every headline number beside its baselines."""
     rows = table(metrics)

@@ -411,9 +411,10 @@ class JobRun:
 
     def log_virtual_cell(self, bundle: str | Path, *, name: str, registered_model_name: str | None,
                          input_example: Any, output_example: Any, params: Mapping[str, Any], description: str,
-                         tags: Mapping[str, Any]) -> str:
+                         model_description: str, tags: Mapping[str, Any]) -> str:
         """Log the virtual cell (:mod:`virtualcell.cellmodel`'s bundle) as a pyfunc model; when a name is
-        given, register it, with ``description`` and ``tags`` (the metrics it was judged by) on the version.
+        given, register it: ``model_description`` on the model, ``description`` and ``tags`` (the metrics
+        it was judged by) on the version.
         """
         from mlflow.models import ModelSignature, infer_signature
         from mlflow.tracking import MlflowClient
@@ -438,6 +439,7 @@ class JobRun:
             client = MlflowClient()
             version = str(info.registered_model_version)
             client.update_model_version(registered_model_name, version, description=description)
+            client.update_registered_model(registered_model_name, description=model_description)
             for key, value in tags.items():
                 client.set_model_version_tag(registered_model_name, version, key, str(value))
         return info.model_uri
