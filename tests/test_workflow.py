@@ -392,6 +392,18 @@ def test_real_time_course_published_as_log_values_runs_end_to_end(tmp_path):
     assert job_rules(tmp_path, "virtualcell-real-timecourse") == [
         "decode", "embed", "evaluate", "ingest", "pair", "qc", "report", "simulate", "simulate", "simulate",
         "workflow"]
+    # the virtual cell reads the series' log values as published: the meristem cells, one stage on
+    source = ad.read_h5ad(tmp_path / "data" / "arabidopsis_root.h5ad")
+    source[source.obs["time"] == 0].copy().write_h5ad(tmp_path / "meristem.h5ad")
+    done = subprocess.run([sys.executable, "-m", "virtualcell.cli", "predict", "--model",
+                           "models:/virtualcell-arabidopsis_root/latest", "--input", "meristem.h5ad", "--horizon", "1",
+                           "--output", "answer.h5ad"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = ad.read_h5ad(tmp_path / "answer.h5ad")
+    assert answer.uns["virtualcell"]["space"] == "rna_latent" and answer.uns["virtualcell"]["n_missing_genes"] == 0
+    # the cells' own values are the published ones (log values are read as they are)
+    genes = list(answer.var_names)
+    np.testing.assert_allclose(answer.X, source[source.obs["time"] == 0][:, genes].X.toarray(), atol=1e-5)
 
 
 def test_rna_only_dataset_skips_the_alignment_and_simulates_in_the_rna_latent(tmp_path):
@@ -412,7 +424,33 @@ def test_rna_only_dataset_skips_the_alignment_and_simulates_in_the_rna_latent(tm
     assert w1["model"] < w1["copy_prev"]
     assert "w1_pca5" in metrics["simulation"]["holdouts"]["2"] and "fate" in metrics
     model = json.loads((results / "report" / "model.json").read_text())
-    assert model["state_dim"] == 10  # embed.n_latent: the RNA latent space
+    assert model["state_dim"] == 10 and model["space"] == "rna_latent"  # embed.n_latent: the RNA latent space
+
+
+def test_a_simulator_in_pca5_speaks_genes_through_the_inverse_projection(tmp_path):
+    """simulate.space: pca: no decoder job; the simulator runs in pca5 and the registered virtual cell
+    takes counts to pca5 and back to genes through the projection itself."""
+    import mudata as md
+
+    override = _override(tmp_path, "datasets:\n  synthetic:\n    modalities: [rna]\n"
+                                   "simulate:\n  space: pca\nevaluate:\n  seeds: 1\n"
+                                   "mlflow:\n  experiment: pca-space\n")
+    snakemake(tmp_path, extra_configs=[override])
+    results = tmp_path / "results" / "synthetic"
+    assert not (results / "simulate" / "decoder.pt").exists()
+    metrics = json.loads((results / "evaluate" / "metrics.json").read_text())
+    assert metrics["simulation"]["space"] == "pca5"
+    mlflow.set_tracking_uri(tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/results/mlflow.db"))
+    cell = mlflow.pyfunc.load_model("models:/virtualcell-synthetic/latest").unwrap_python_model().cell
+    assert cell.space == "pca5" and cell.decoder is None and cell.encoder is None
+    rna = md.read_h5mu(results / "pairs" / "paired.h5mu").mod["rna"]
+    counts = rna.layers["counts"][:50]
+    counts = counts.toarray() if hasattr(counts, "toarray") else counts
+    answer = cell.predict(counts, list(rna.var_names), horizon=0.0)
+    # no time passes: the state is the cell's own pca5 coordinates, as the embed step computed them
+    emb = ad.read_h5ad(results / "embed" / "embeddings.h5ad")
+    np.testing.assert_allclose(answer.start, emb.obsm["X_pca5"][:50], atol=1e-3)
+    np.testing.assert_allclose(answer.end, answer.start)
 
 
 def test_the_default_dataset_as_a_section_alone_plans_no_simulator(tmp_path):

@@ -256,12 +256,14 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
                 lambda p, run: stages.evaluate(shared=args.shared, simulators=simulators, output=args.output,
                                                figure=args.figure, dataset=args.dataset, params=p, run=run,
                                                space=args.space, fates=args.fates, fate_figure=args.fate_figure,
-                                               decoder=args.decoder, page=args.page))
+                                               decoder=args.decoder))
     if args.stage == "report":
+        from virtualcell import report
+
         models = [f for f in (args.encoder, args.aligner, args.decoder) if f]
         return ("report", [args.simulator, args.shared, args.expression, args.metrics, *models],
                 [args.output, args.summary, *filter(None, [args.page])], wildcards,
-                lambda p, run: stages.register(simulator=args.simulator, shared=args.shared,
+                lambda p, run: report.register(simulator=args.simulator, shared=args.shared,
                                                expression=args.expression, metrics=args.metrics,
                                                output=args.output, summary=args.summary, dataset=args.dataset,
                                                params=p, run=run, encoder=args.encoder, aligner=args.aligner,

@@ -89,22 +89,30 @@ def trajectories(sim, x: np.ndarray, t: np.ndarray, *, held: float | None, n_ste
     return fig
 
 
-def evaluation(metrics: Mapping[str, Any]):
-    """Held-out and extrapolated time points in pca5 against the baselines; retrieval; fates."""
+def evaluation(metrics: Mapping[str, Any], *, overlays: Mapping[str, Any] | None = None):
+    """Held-out and extrapolated time points in pca5 against the baselines (bars: mean over seeds, error
+    bars: their sd); retrieval; fates. With ``overlays`` (``{"t=2": (real, simulated, previous)}`` in
+    pca5), a second row shows, per held-out time point, the simulated cells over the real ones."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    overlays = dict(overlays or {})
+    rows = 2 if overlays else 1
+    fig = plt.figure(figsize=(15, 3.8 * rows))
+    grid = fig.add_gridspec(rows, max(3, len(overlays)))
+    axes = [fig.add_subplot(grid[0, i * max(3, len(overlays)) // 3:(i + 1) * max(3, len(overlays)) // 3])
+            for i in range(3)]
     sim = metrics.get("simulation")
     if sim:
-        blocks = [(f"t={h}", v["w1_pca5"]) for h, v in sim["holdouts"].items()]
-        blocks += [(f"t={h} (extrap.)", v["w1_pca5"]) for h, v in sim.get("extrapolation", {}).items()]
-        methods = sorted({m for _, b in blocks for m in b}, key=lambda m: (m != "model", m))
+        blocks = [(f"t={h}", v["w1_pca5"], v.get("std", {}).get("w1_pca5", {})) for h, v in sim["holdouts"].items()]
+        blocks += [(f"t={h} (extrap.)", v["w1_pca5"], v.get("std", {}).get("w1_pca5", {}))
+                   for h, v in sim.get("extrapolation", {}).items()]
+        methods = sorted({m for _, b, _ in blocks for m in b}, key=lambda m: (m != "model", m))
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
-            axes[0].bar(np.arange(len(blocks)) + i * width, [b.get(method, np.nan) for _, b in blocks], width,
-                        label=method)
-        axes[0].set_xticks(np.arange(len(blocks)) + 0.4 - width / 2, [name for name, _ in blocks], fontsize=7)
+            axes[0].bar(np.arange(len(blocks)) + i * width, [b.get(method, np.nan) for _, b, _ in blocks], width,
+                        yerr=[sd.get(method, 0.0) for _, _, sd in blocks], capsize=1.5, label=method)
+        axes[0].set_xticks(np.arange(len(blocks)) + 0.4 - width / 2, [name for name, _, _ in blocks], fontsize=7)
         axes[0].set(ylabel="W1 to held-out cells (pca5)", title="held-out time points")
-        axes[0].legend(fontsize=6)
+        axes[0].legend(fontsize=6, ncol=2)
     for pair_name, align_metrics in metrics.get("alignment", {}).items():
         names = ["top1", "top5", "foscttm"]
         methods = list(align_metrics["top1"])
@@ -125,6 +133,14 @@ def evaluation(metrics: Mapping[str, Any]):
         axes[2].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
         axes[2].set(title="fate probabilities vs truth")
         axes[2].legend(fontsize=7)
+    for k, (name, (real, simulated, previous)) in enumerate(overlays.items()):
+        ax = fig.add_subplot(grid[1, k])
+        ax.scatter(previous[:, 0], previous[:, 1], s=2, c="0.8", label="previous time point")
+        ax.scatter(real[:, 0], real[:, 1], s=3, c="tab:blue", alpha=0.6, label="real cells")
+        ax.scatter(simulated[:, 0], simulated[:, 1], s=3, c="tab:orange", alpha=0.6, label="simulated")
+        ax.set(title=f"{name}: simulated vs real", xlabel="pca5 PC1", ylabel="pca5 PC2", xticks=[], yticks=[])
+        if k == 0:
+            ax.legend(fontsize=6, markerscale=3)
     fig.tight_layout()
     return fig
 

@@ -28,8 +28,10 @@ FATE_NAMES = "fate_names"
 
 
 def score_simulators(data: ad.AnnData, simulators: Mapping[str, Sequence[str]], *, params: Mapping[str, Any],
-                      space: str, origin: str, decoder: str | None) -> tuple[dict[str, Any], Any]:
-    """metrics.json's ``simulation`` section, and the fates (scores, AnnData) of the ``none`` simulators.
+                      space: str, origin: str, decoder: str | None) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """metrics.json's ``simulation`` section, the fates (scores, AnnData) of the ``none`` simulators, and
+    per held-out time point the real cells, the first seed's simulated ones and the previous time
+    point's cells in pca5 (for the figure: ``{"t=2": (real, simulated, previous)}``).
 
     Every holdout's simulators (one per seed) predict its time point from the one before (or, for
     the last, extrapolate), beside the baselines of the same cells; the last holdout's simulators
@@ -66,6 +68,7 @@ def score_simulators(data: ad.AnnData, simulators: Mapping[str, Sequence[str]], 
     section: dict[str, Any] = {"space": state_name, "n_seeds": 0, "holdouts": {}, "extrapolation": {},
                                "rollout": {}}
     fate = None
+    overlays: dict[str, Any] = {}
     for label, paths in sorted(simulators.items()):
         held = parse_holdout(label, times, origin=origin)
         seeds = [base_seed + i for i in range(len(paths))]  # of sampling; each model has its own training seed
@@ -83,6 +86,9 @@ def score_simulators(data: ad.AnnData, simulators: Mapping[str, Sequence[str]], 
             pred_x = sim.simulate(scorer.at(prev, state=True).astype(np.float32), t0=float(prev), t1=float(held),
                                   n_steps=n_steps, seed=s).astype(np.float64)
             predictions = {"model": (to_pca(pred_x, s), pred_x)}
+            if s == seeds[0]:
+                name = f"t={holdout_label(held)}" + (" (extrapolated)" if last else "")
+                overlays[name] = (scorer.at(held), predictions["model"][0], scorer.at(prev))
             if dec is not None:
                 # The held-out cells' own states through the decoder: what decoding alone costs, the
                 # floor of any model of the embedding space judged in pca5 (a paired comparison).
@@ -136,7 +142,7 @@ def score_simulators(data: ad.AnnData, simulators: Mapping[str, Sequence[str]], 
     for key in ("extrapolation", "rollout"):
         if not section[key]:
             del section[key]
-    return section, fate
+    return section, fate, overlays
 
 
 
