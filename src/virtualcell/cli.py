@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--fates", required=False, default=None, help="per-cell fate probabilities (.h5ad)")
     _add(p, "--figure")
     _add(p, "--fate-figure", required=False, default=None)
+    _add(p, "--embedding-figure", required=False, default=None, help="UMAPs of the embeddings (.png)")
 
     p = stage("report", "log the virtual cell (genes in, genes out) and register it in the MLflow model registry")
     _add(p, "--dataset")
@@ -250,13 +251,13 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
             if not sep:
                 raise InputError(f"--simulator {item}: expected HOLDOUT=PATH")
             simulators.setdefault(holdout, []).append(path)
-        outputs = [f for f in (args.output, args.fates, args.figure, args.fate_figure) if f]
+        outputs = [f for f in (args.output, args.fates, args.figure, args.fate_figure, args.embedding_figure) if f]
         inputs = [args.shared, *(p for paths in simulators.values() for p in paths), *filter(None, [args.decoder])]
         return ("evaluate", inputs, outputs, wildcards,
                 lambda p, run: stages.evaluate(shared=args.shared, simulators=simulators, output=args.output,
                                                figure=args.figure, dataset=args.dataset, params=p, run=run,
                                                space=args.space, fates=args.fates, fate_figure=args.fate_figure,
-                                               decoder=args.decoder))
+                                               decoder=args.decoder, embedding_figure=args.embedding_figure))
     if args.stage == "report":
         from virtualcell import report
 

@@ -157,3 +157,70 @@ def fates(coords: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None, n
             ax.set(title=f"P({name}), {what}", xticks=[], yticks=[])
     fig.colorbar(sca, ax=axes, shrink=0.8, label="probability")
     return fig
+
+
+UMAP_MAX_CELLS = 5000  # a figure: more cells only cost time
+
+
+def embeddings(data, *, spaces: Mapping[str, str], partner: Mapping[str, str] | None = None, seed: int = 0):
+    """UMAPs (scanpy) of each embedding, coloured by time, cell type and batch (the obs columns present).
+
+    ``spaces`` maps a title to an obsm key; ``partner`` (``{"RNA": key, "protein": key}``) adds one
+    UMAP of both modalities' shared embeddings together, coloured by modality: where alignment
+    worked, the two are mixed.
+    """
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    plt = pyplot()
+    rng = np.random.default_rng(seed)
+    cells = np.sort(rng.choice(data.n_obs, size=min(UMAP_MAX_CELLS, data.n_obs), replace=False))
+    colours = [c for c in ("time", "celltype", "batch") if c in data.obs]
+    panels = []
+    for title, key in spaces.items():
+        if key in data.obsm:
+            panels += [(title, key, c) for c in colours or [None]]
+    if partner:
+        panels.append(("shared, both modalities", None, "modality"))
+    cols = max(1, len(colours))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    layouts: dict[str, ad.AnnData] = {}
+    for ax, (title, key, colour) in zip(axes.ravel(), panels, strict=False):
+        if colour == "modality":
+            names = list(partner)
+            x = np.concatenate([np.asarray(data.obsm[partner[n]])[cells] for n in names])
+            obs = pd.DataFrame({"modality": pd.Categorical(np.repeat(names, len(cells)))},
+                               index=[f"{i}" for i in range(len(x))])
+            view = ad.AnnData(obs=obs, obsm={"X_emb": x})
+        else:
+            if key not in layouts:
+                layouts[key] = ad.AnnData(obs=data.obs.iloc[cells].copy(),
+                                          obsm={"X_emb": np.asarray(data.obsm[key])[cells]})
+            view = layouts[key]
+        if "X_umap" not in view.obsm:
+            sc.pp.neighbors(view, use_rep="X_emb", n_neighbors=15, random_state=seed)
+            sc.tl.umap(view, random_state=seed)
+        xy = view.obsm["X_umap"]
+        values = view.obs[colour] if colour else None
+        ax.axis("on")
+        if values is None:
+            ax.scatter(xy[:, 0], xy[:, 1], s=2, c="0.4")
+        elif pd.api.types.is_numeric_dtype(values):
+            sca = ax.scatter(xy[:, 0], xy[:, 1], s=2, c=values.to_numpy(dtype=float), cmap="viridis")
+            fig.colorbar(sca, ax=ax, shrink=0.7, label=colour)
+        else:
+            # One scatter in a random order, so that no category is hidden under the ones drawn after it.
+            codes = pd.Categorical(values.astype(str))
+            palette = plt.get_cmap("tab10")
+            order = rng.permutation(len(xy))
+            ax.scatter(xy[order, 0], xy[order, 1], s=2, c=[palette(k % 10) for k in codes.codes[order]])
+            ax.legend(handles=[plt.Line2D([], [], ls="", marker="o", ms=4, color=palette(k % 10), label=name)
+                               for k, name in enumerate(codes.categories)], fontsize=6, loc="best")
+        ax.set(title=f"{title}: {colour}" if colour else title, xticks=[], yticks=[])
+    fig.suptitle("UMAPs of the embeddings", fontsize=10)
+    fig.tight_layout()
+    return fig

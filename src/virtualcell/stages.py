@@ -551,8 +551,9 @@ def decode(*, input: str, expression: str, output: str, params: Mapping[str, Any
 
 def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: str, figure: str, dataset: str,
              params: Mapping[str, Any], run: JobRun, space: str = "embedding", fates: str | None = None,
-             fate_figure: str | None = None, decoder: str | None = None) -> None:
-    """metrics.json: retrieval against CCA, simulation against baselines in pca5, fates against the truth.
+             fate_figure: str | None = None, decoder: str | None = None, embedding_figure: str | None = None) -> None:
+    """metrics.json: retrieval against CCA, simulation against baselines in pca5, fates against the truth;
+    the figures of these and (``embedding_figure``) UMAPs of the embeddings.
 
     ``simulators`` maps each holdout (``none`` included) to its simulator files, one per seed, in
     seed order. ``decoder`` (:func:`decode`) takes simulators of the embedding space to pca5.
@@ -615,6 +616,12 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
         io.write_figure(fig, fate_figure)
     run.log_metrics(_flat_metrics(metrics))
     run.log_dict(metrics, "metrics.json")
+    if embedding_figure:
+        partner_keys = {"RNA": SHARED_RNA, partner: shared_key(partner)} if partner else None
+        fig = figures.embeddings(data, spaces={"RNA latent": EMBED_RNA, "shared": SHARED}, partner=partner_keys,
+                                 seed=seed)
+        run.log_figure(fig, "embeddings.png")
+        io.write_figure(fig, embedding_figure)
     fig = figures.evaluation(metrics, overlays=overlays)
     run.log_figure(fig, "evaluation.png")
     io.write_figure(fig, figure)

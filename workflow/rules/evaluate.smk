@@ -18,6 +18,12 @@ rule evaluate:
             category="6. Evaluation",
             labels={"dataset": "{dataset}", "figure": "fates"},
         ),
+        embedding_figure=report(
+            f"{RESULTS}/{{dataset}}/evaluate/embeddings.png",
+            caption="../report/embeddings.rst",
+            category="3. Embedding",
+            labels={"dataset": "{dataset}", "figure": "UMAPs"},
+        ),
     params:
         cfg=as_json(config["evaluate"]),
         space=config["simulate"]["space"],
@@ -36,5 +42,5 @@ rule evaluate:
     shell:
         "virtualcell evaluate --dataset {wildcards.dataset} --shared {input.shared} --space {params.space}"
         " {params.simulators} {params.decoder} --output {output.metrics} --fates {output.fates} --figure {output.figure}"
-        " --fate-figure {output.fate_figure}"
+        " --fate-figure {output.fate_figure} --embedding-figure {output.embedding_figure}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"
