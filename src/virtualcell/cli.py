@@ -57,6 +57,9 @@ def _section(args: argparse.Namespace, name: str) -> dict[str, Any]:
     return config[name]
 
 
+DATASET = "the dataset's name under datasets: in the config"
+
+
 def _add(parser: argparse.ArgumentParser, *names: str, **kwargs: Any) -> None:
     parser.add_argument(*names, required=kwargs.pop("required", True), **kwargs)
 
@@ -74,86 +77,86 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
         p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
         if name in TRAINING_STAGES:
-            p.add_argument("--device", default="auto")
+            p.add_argument("--device", default="auto",
+                           help="where to train: auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
             p.add_argument("--checkpoint-every", type=int, default=int(os.environ.get(ENV_CHECKPOINT_EVERY, 0)),
                            metavar="N", help="save a checkpoint every N epochs and resume from it after an "
                            f"interruption (0: never; default ${ENV_CHECKPOINT_EVERY}, else 0)")
         return p
 
     p = stage("ingest", "read a dataset (or generate the synthetic one) into one .h5mu")
-    _add(p, "--dataset")
-    _add(p, "--output")
+    _add(p, "--dataset", help=DATASET)
+    _add(p, "--output", help="results/<dataset>/ingest.h5mu: every declared modality, raw values in a layer")
 
     p = stage("qc", "QC of every modality: metrics, doublets, filters, normalisation, HVGs")
-    _add(p, "--dataset")
-    _add(p, "--input")
-    _add(p, "--output")
-    _add(p, "--summary")
+    _add(p, "--dataset", help=DATASET)
+    _add(p, "--input", help="ingest's .h5mu")
+    _add(p, "--output", help="results/<dataset>/qc.h5mu: the kept cells and genes, log-normalised, HVGs marked")
+    _add(p, "--summary", help="qc/qc.json: cells removed by each filter, per batch, and what was skipped")
     _add(p, "--figures", metavar="DIR", help="folder for one {modality}.png per modality")
 
     p = stage("pair", "paired cells across modalities and the train/val/test split")
-    _add(p, "--dataset")
-    _add(p, "--input")
-    _add(p, "--output")
-    _add(p, "--split")
+    _add(p, "--dataset", help=DATASET)
+    _add(p, "--input", help="qc's .h5mu")
+    _add(p, "--output", help="pairs/paired.h5mu: the cells measured in every modality (spots with their patches)")
+    _add(p, "--split", help="pairs/split.tsv: each cell's train/val/test split")
 
-    for name, help in (("embed", "train the RNA and joint RNA+protein count encoders"),):
-        p = stage(name, help)
-        _add(p, "--dataset")
-        _add(p, "--input")
-        _add(p, "--output")
-        _add(p, "--rna-model")
-        _add(p, "--joint-model")
-        _add(p, "--figure")
+    p = stage("embed", "train the RNA and joint RNA+protein count encoders")
+    _add(p, "--dataset", help=DATASET)
+    _add(p, "--input", help="pair's paired.h5mu")
+    _add(p, "--output", help="embed/embeddings.h5ad: every cell's latents (obsm X_rna, X_joint) and pca5")
+    _add(p, "--rna-model", help="embed/rna_encoder.pt to write")
+    _add(p, "--joint-model", help="embed/joint_encoder.pt to write (the RNA encoder when there is no protein)")
+    _add(p, "--figure", help="the training-loss figure (.png)")
 
     p = stage("align", "contrastive RNA <-> protein alignment into a shared space")
-    _add(p, "--dataset")
-    _add(p, "--input")
-    _add(p, "--embeddings")
-    _add(p, "--output")
-    _add(p, "--model")
-    _add(p, "--figure")
+    _add(p, "--dataset", help=DATASET)
+    _add(p, "--input", help="pair's paired.h5mu (the partner modality's features)")
+    _add(p, "--embeddings", help="embed's embeddings.h5ad (the RNA latents)")
+    _add(p, "--output", help="align/shared.h5ad: each cell's shared-space state (obsm X_shared) and both heads'")
+    _add(p, "--model", help="align/aligner.pt to write")
+    _add(p, "--figure", help="the training-loss figure (.png)")
 
     p = stage("simulate", "fit the dynamics (one seed) with one time point held out, the last ('last') or none")
-    _add(p, "--dataset")
-    _add(p, "--holdout")
+    _add(p, "--dataset", help=DATASET)
+    _add(p, "--holdout", help="the time point held out (e.g. 2), 'last' (extrapolated) or 'none' (every one)")
     _add(p, "--seed", type=int, required=False, default=None, help="training seed (default: simulate.seed)")
-    _add(p, "--input")
-    _add(p, "--output")
-    _add(p, "--figure")
+    _add(p, "--input", help="the states (align's shared.h5ad, or embed's embeddings.h5ad without an alignment)")
+    _add(p, "--output", help="simulate/<holdout>/seed<k>/simulator.pt to write")
+    _add(p, "--figure", help="the trajectories figure (.png)")
 
     p = stage("decode", "fit the decoder of simulator states to log-normalised expression (one per dataset)")
-    _add(p, "--dataset")
+    _add(p, "--dataset", help=DATASET)
     _add(p, "--input", help="the states (shared.h5ad, or embeddings.h5ad without an alignment)")
     _add(p, "--expression", help="the paired .h5mu whose log-normalised expression the decoder learns")
-    _add(p, "--output")
+    _add(p, "--output", help="simulate/decoder.pt to write")
 
     p = stage("evaluate", "held-out time points and cross-modal retrieval against baselines")
-    _add(p, "--dataset")
-    _add(p, "--shared")
+    _add(p, "--dataset", help=DATASET)
+    _add(p, "--shared", help="the states (align's shared.h5ad, or embed's embeddings.h5ad without an alignment)")
     _add(p, "--simulator", action="append", metavar="HOLDOUT=PATH", required=False, default=[],
          help="repeat per holdout and seed (seeds in order); none for data without time points")
     _add(p, "--space", required=False, default="embedding", choices=["embedding", "pca"],
          help="the space the simulators run in (simulate.space)")
     _add(p, "--decoder", required=False, default=None,
          help="the decode step's decoder.pt (simulators of the embedding space are judged through it)")
-    _add(p, "--output")
+    _add(p, "--output", help="evaluate/metrics.json to write")
     _add(p, "--fates", required=False, default=None, help="per-cell fate probabilities (.h5ad)")
-    _add(p, "--figure")
-    _add(p, "--fate-figure", required=False, default=None)
+    _add(p, "--figure", help="the evaluation figure (.png): bars against the baselines, simulated vs real cells")
+    _add(p, "--fate-figure", required=False, default=None, help="the fate-probability maps (.png)")
     _add(p, "--embedding-figure", required=False, default=None, help="UMAPs of the embeddings (.png)")
 
     p = stage("report", "log the virtual cell (genes in, genes out) and register it in the MLflow model registry")
-    _add(p, "--dataset")
+    _add(p, "--dataset", help=DATASET)
     _add(p, "--simulator", help="the simulator trained on every time point")
     _add(p, "--shared", help="the states it was trained on (align's shared.h5ad or embed's embeddings.h5ad)")
     _add(p, "--expression", help="pair's paired.h5mu: the genes and values cells come in")
     _add(p, "--encoder", required=False, default=None, help="embed's rna_encoder.pt (simulate.space: embedding)")
     _add(p, "--aligner", required=False, default=None, help="align's aligner.pt (aligned datasets)")
     _add(p, "--decoder", required=False, default=None, help="decode's decoder.pt (simulate.space: embedding)")
-    _add(p, "--metrics")
-    _add(p, "--output")
-    _add(p, "--summary")
+    _add(p, "--metrics", help="evaluate's metrics.json (the numbers the model was judged by)")
+    _add(p, "--output", help="report/model.json to write: the model's URI, its space and genes")
+    _add(p, "--summary", help="report/summary.tsv to write: every headline number beside its baselines")
     _add(p, "--page", required=False, default=None, help="the one-page HTML summary (what won) to write")
 
     p = sub.add_parser("predict", help="ask the virtual cell: simulate the cells of an .h5ad forward in time",
