@@ -117,7 +117,7 @@ def test_a_killed_training_step_resumes_from_its_checkpoint_and_ends_the_same(sh
     runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id],
                               filter_string="attributes.status = 'FINISHED'")
     (run,) = runs
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "simulate.loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "simulate/loss")]
     assert sorted(steps) == list(range(SIM_EPOCHS))
 
 

@@ -37,7 +37,7 @@ def test_job_run_logs_params_files_lineage_and_parent(tracking_store, tmp_path):
     assert run.data.tags[tracking.TAG_RULE] == "down"
     assert run.data.tags[tracking.TAG_JOBID] == "7"
     assert run.data.tags[tracking.TAG_UPSTREAM] == up.run_id
-    assert [m.value for m in client.get_metric_history(job.run_id, "train.loss")] == [0.5]
+    assert [m.value for m in client.get_metric_history(job.run_id, "train/loss")] == [0.5]
     outputs = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=job.run_id,
                                                                   artifact_path="files/outputs.json")).read_text())
     assert outputs[str(down_out)]["size"] == 5

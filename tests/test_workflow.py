@@ -125,10 +125,12 @@ def test_mlflow_has_a_parent_run_and_a_finished_child_run_per_job(workflow_run, 
     assert by_rule["qc"].data.tags[tracking.TAG_UPSTREAM] == by_rule["ingest"].info.run_id
     assert by_rule["align"].data.tags[tracking.TAG_UPSTREAM].count(",") == 1
     # per-epoch training metrics
-    history = client.get_metric_history(by_rule["embed"].info.run_id, "embed.rna.loss")
+    history = client.get_metric_history(by_rule["embed"].info.run_id, "embed/rna.loss")
     assert [m.step for m in history] == list(range(len(history))) and len(history) == 8
-    assert by_rule["evaluate"].data.metrics["simulation.mean.w1_pca5.model"] >= 0
-    assert "fate.pearson_r.model" in by_rule["evaluate"].data.metrics
+    assert by_rule["evaluate"].data.metrics["evaluate/simulation.mean.w1_pca5.model"] >= 0
+    assert "evaluate/fate.pearson_r.model" in by_rule["evaluate"].data.metrics
+    # every metric reads <stage>/<metric>, so the compare view lines runs of different configs up by stage
+    assert all(k.startswith(f"{rule}/") for rule, r in by_rule.items() for k in r.data.metrics)
 
 
 def test_registered_model_simulates_states(workflow_run, client):

@@ -190,7 +190,7 @@ def ingest(*, dataset: str, spec: Mapping[str, Any], output: str, run: JobRun) -
             shared = adata.obs_names.intersection(mdata.mod[expression].obs_names)
             summary[f"{name}.paired_fraction"] = len(shared) / max(mdata.mod[expression].n_obs, 1)
     summary["paired_cells"] = len(paired)
-    run.log_metrics({f"ingest.{k}": v for k, v in summary.items()})
+    run.log_metrics({f"ingest/{k}": v for k, v in summary.items()})
     run.log_dict(summary, "ingest_summary.json")
     io.write_h5mu(mdata, output)
     say(f"wrote {output}: {summary}")
@@ -211,7 +211,7 @@ def qc(*, input: str, output: str, summary: str, figures: str, params: Mapping[s
         say(f"qc: values: {result['values']}, not counts: skipped {', '.join(skipped)} (they need raw counts); "
             "highly variable genes by scanpy's seurat flavour on log values")
         run.set_tags({"qc.skipped": ", ".join(skipped)})
-    run.log_metrics({f"qc.{k}": v for k, v in result.items()})
+    run.log_metrics({f"qc/{k}": v for k, v in result.items()})
     run.log_dict(result, "qc.json")
     drawn = qc_figures(mdata, filtered, params)
     for name, fig in drawn.items():
@@ -234,7 +234,7 @@ def pair(*, input: str, output: str, split: str, params: Mapping[str, Any], run:
     mdata = io.read_h5mu(input)
     paired = pair_cells(mdata, origin=input, **params)
     counts = paired.obs["split"].value_counts()
-    run.log_metrics({f"pair.{s}_cells": int(n) for s, n in counts.items()} | {"pair.cells": paired.n_obs})
+    run.log_metrics({f"pair/{s}_cells": int(n) for s, n in counts.items()} | {"pair/cells": paired.n_obs})
     table = paired.obs[["split"]].copy()
     run.log_table(table, "split.tsv")
     if IMAGE in paired.mod:
@@ -333,7 +333,7 @@ def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: 
                                            settings={"params": params, "network": _network(model)}))
         histories[name] = _fit(
             functools.partial(model.fit, x[train], x_val=x[val] if val.any() else None, device=device, **fit_kwargs),
-            run=run, prefix=f"embed.{name}", checkpoint=checkpoints[-1], every=checkpoint_every,
+            run=run, prefix=f"embed/{name}", checkpoint=checkpoints[-1], every=checkpoint_every,
         )
         out.obsm[key] = model.encode(x)
         io.atomic_write(path, model.save)
@@ -409,7 +409,7 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     out.obsm[SHARED] = both / np.linalg.norm(both, axis=1, keepdims=True).clip(1e-12)
     test = split == "test"
     metrics = retrieval_metrics(za[test], zb[test]) if test.sum() > 5 else {}
-    run.log_metrics({f"align.test_{k}": v for k, v in metrics.items()})
+    run.log_metrics({f"align/test_{k}": v for k, v in metrics.items()})
     plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([h["loss"] for h in history], label="train")
@@ -614,7 +614,7 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
         ax.axis("off")
         ax.text(0.5, 0.5, "no fate probabilities\n(evaluate.fate_rollouts: 0, or no time points)", ha="center")
         io.write_figure(fig, fate_figure)
-    run.log_metrics(_flat_metrics(metrics))
+    run.log_metrics({f"evaluate/{k}": v for k, v in _flat_metrics(metrics).items()})
     run.log_dict(metrics, "metrics.json")
     if embedding_figure:
         partner_keys = {"RNA": SHARED_RNA, partner: shared_key(partner)} if partner else None

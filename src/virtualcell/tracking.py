@@ -377,10 +377,12 @@ class JobRun:
             mlflow.log_metrics(clean, step=step)
 
     def epoch_logger(self, prefix: str) -> Callable[[int, Mapping[str, float]], None]:
-        """A training-loop hook that logs per-epoch metrics under ``prefix``."""
+        """A training-loop hook that logs per-epoch metrics under ``prefix``: ``simulate/loss``,
+        ``embed/rna.loss`` (names read ``<stage>/<metric>``, which the MLflow UI groups by stage)."""
+        sep = "." if "/" in prefix else "/"
 
         def hook(epoch: int, metrics: Mapping[str, float]) -> None:
-            self.log_metrics({f"{prefix}.{k}": v for k, v in metrics.items()}, step=epoch)
+            self.log_metrics({f"{prefix}{sep}{k}": v for k, v in metrics.items()}, step=epoch)
 
         return hook
 
