@@ -96,6 +96,7 @@ def test_outputs_and_metrics(workflow_run):
     assert retrieval["foscttm"]["model"] < retrieval["foscttm"]["random"]
     assert (workflow_run / "results" / "report.html").stat().st_size > 10_000
     assert (results / "evaluate" / "embeddings.png").stat().st_size > 20_000  # UMAPs of the embeddings
+    assert (results / "evaluate" / "alignment.png").stat().st_size > 20_000  # retrieval curves, similarity
     # the report opens on a page saying what won, each headline beside its baseline
     page = (results / "report" / "summary.html").read_text()
     assert page.count(" won</b>") >= 4 and f"{w1['ot_interp']:.3f}" in page

@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--figure", help="the evaluation figure (.png): bars against the baselines, simulated vs real cells")
     _add(p, "--fate-figure", required=False, default=None, help="the fate-probability maps (.png)")
     _add(p, "--embedding-figure", required=False, default=None, help="UMAPs of the embeddings (.png)")
+    _add(p, "--alignment-figure", required=False, default=None,
+         help="retrieval curves and cross-modal similarity of held-out cells (.png)")
 
     p = stage("report", "log the virtual cell (genes in, genes out) and register it in the MLflow model registry")
     _add(p, "--dataset", help=DATASET)
@@ -254,13 +256,15 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
             if not sep:
                 raise InputError(f"--simulator {item}: expected HOLDOUT=PATH")
             simulators.setdefault(holdout, []).append(path)
-        outputs = [f for f in (args.output, args.fates, args.figure, args.fate_figure, args.embedding_figure) if f]
+        outputs = [f for f in (args.output, args.fates, args.figure, args.fate_figure, args.embedding_figure,
+                                    args.alignment_figure) if f]
         inputs = [args.shared, *(p for paths in simulators.values() for p in paths), *filter(None, [args.decoder])]
         return ("evaluate", inputs, outputs, wildcards,
                 lambda p, run: stages.evaluate(shared=args.shared, simulators=simulators, output=args.output,
                                                figure=args.figure, dataset=args.dataset, params=p, run=run,
                                                space=args.space, fates=args.fates, fate_figure=args.fate_figure,
-                                               decoder=args.decoder, embedding_figure=args.embedding_figure))
+                                               decoder=args.decoder, embedding_figure=args.embedding_figure,
+                                               alignment_figure=args.alignment_figure))
     if args.stage == "report":
         from virtualcell import report
 

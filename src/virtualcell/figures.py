@@ -224,3 +224,51 @@ def embeddings(data, *, spaces: Mapping[str, str], partner: Mapping[str, str] | 
     fig.suptitle("UMAPs of the embeddings", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _partner_ranks(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each row of ``a``, how many rows of ``b`` are nearer (Euclidean, as the top-k metrics of
+    :func:`virtualcell.evaluate.retrieval_metrics` count them) than its own partner."""
+    from scipy.spatial.distance import cdist
+
+    dist = cdist(a, b)
+    return (dist < np.diag(dist)[:, None]).sum(axis=1)
+
+
+def alignment(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], *, labels: np.ndarray | None, partner: str,
+              seed: int = 0, max_cells: int = 2000, n_matrix: int = 80):
+    """Cross-modal matching of held-out cells: the retrieval curve of each method (``pairs``: method ->
+    (RNA, partner) embeddings, row i with row i), and the model's RNA x partner similarity of a few
+    cells sorted by label (a bright diagonal: each cell's partner is its most similar)."""
+    plt = pyplot()
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(pairs.values()))[0])
+    cells = np.sort(rng.choice(n, size=min(n, max_cells), replace=False))
+    fig, (curve, matrix) = plt.subplots(1, 2, figsize=(10, 4))
+    ks = np.arange(1, min(100, len(cells)) + 1)
+    for method, (a, b) in pairs.items():
+        ranks = _partner_ranks(np.asarray(a)[cells], np.asarray(b)[cells])
+        curve.plot(ks, [(ranks < k).mean() for k in ks], label=method)
+    curve.set(xlabel="k", ylabel=f"partner among the k nearest (RNA -> {partner})", xscale="log",
+              title=f"retrieval of held-out cells (n={len(cells)})", ylim=(0, 1))
+    curve.legend(fontsize=7)
+    a, b = pairs["model"]
+    shown = np.sort(rng.choice(n, size=min(n, n_matrix), replace=False))
+    if labels is not None:
+        shown = shown[np.argsort(np.asarray(labels)[shown], kind="stable")]
+    an = np.asarray(a)[shown] / np.linalg.norm(np.asarray(a)[shown], axis=1, keepdims=True).clip(1e-12)
+    bn = np.asarray(b)[shown] / np.linalg.norm(np.asarray(b)[shown], axis=1, keepdims=True).clip(1e-12)
+    image = matrix.imshow(an @ bn.T, cmap="viridis")
+    fig.colorbar(image, ax=matrix, shrink=0.8, label="cosine similarity")
+    matrix.set(xlabel=f"{partner} of cell j", ylabel="RNA of cell i", xticks=[], yticks=[],
+               title="model: similarity of held-out cells" + (" (sorted by cell type)" if labels is not None else ""))
+    fig.tight_layout()
+    return fig
+
+
+def placeholder(text: str):
+    """A small figure saying why there is nothing to draw (a rule's declared output still exists)."""
+    fig, ax = pyplot().subplots(figsize=(4, 1.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    return fig

@@ -551,9 +551,11 @@ def decode(*, input: str, expression: str, output: str, params: Mapping[str, Any
 
 def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: str, figure: str, dataset: str,
              params: Mapping[str, Any], run: JobRun, space: str = "embedding", fates: str | None = None,
-             fate_figure: str | None = None, decoder: str | None = None, embedding_figure: str | None = None) -> None:
+             fate_figure: str | None = None, decoder: str | None = None, embedding_figure: str | None = None,
+             alignment_figure: str | None = None) -> None:
     """metrics.json: retrieval against CCA, simulation against baselines in pca5, fates against the truth;
-    the figures of these and (``embedding_figure``) UMAPs of the embeddings.
+    the figures of these, of cross-modal matching (``alignment_figure``) and (``embedding_figure``)
+    UMAPs of the embeddings.
 
     ``simulators`` maps each holdout (``none`` included) to its simulator files, one per seed, in
     seed order. ``decoder`` (:func:`decode`) takes simulators of the embedding space to pca5.
@@ -578,11 +580,14 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
             # sees the patches' leading principal components, fitted on training spots.
             xb = ev.pca_features(xb, fit=train, n_components=za.shape[1])
         cca = ev.cca_embedding(xa[train], xb[train], xa[test], xb[test], n_components=za.shape[1])
-        metrics["alignment"] = {f"rna-{partner}": ev.compare_retrieval({
-            "model": (za[test], zb[test]),
-            "cca": cca,
-            "random": ev.random_embedding(za[test], seed=seed),
-        })}
+        pairs = {"model": (za[test], zb[test]), "cca": cca, "random": ev.random_embedding(za[test], seed=seed)}
+        metrics["alignment"] = {f"rna-{partner}": ev.compare_retrieval(pairs)}
+        if alignment_figure:
+            labels = obs["celltype"].astype(str).to_numpy()[test] if "celltype" in obs else None
+            fig = figures.alignment(pairs, labels=labels, partner=partner, seed=seed)
+            run.log_figure(fig, "alignment.png")
+            io.write_figure(fig, alignment_figure)
+            alignment_figure = None
 
     if any(h != NO_HOLDOUT for h in simulators):
         metrics["simulation"], fate, overlays = scoring.score_simulators(data, simulators, params=params, space=space,
@@ -610,10 +615,11 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
         io.write_h5ad(ad.AnnData(uns={"note": "no fate probabilities: evaluate.fate_rollouts is 0 or no simulator"}),
                       fates)
     if fate_figure:
-        fig, ax = figures.pyplot().subplots(figsize=(4, 1.5))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no fate probabilities\n(evaluate.fate_rollouts: 0, or no time points)", ha="center")
-        io.write_figure(fig, fate_figure)
+        io.write_figure(figures.placeholder("no fate probabilities\n(evaluate.fate_rollouts: 0, or no time points)"),
+                        fate_figure)
+    if alignment_figure:
+        io.write_figure(figures.placeholder("no alignment\n(no partner modality, or too few test cells)"),
+                        alignment_figure)
     run.log_metrics({f"evaluate/{k}": v for k, v in _flat_metrics(metrics).items()})
     run.log_dict(metrics, "metrics.json")
     if embedding_figure:

@@ -18,6 +18,12 @@ rule evaluate:
             category="6. Evaluation",
             labels={"dataset": "{dataset}", "figure": "fates"},
         ),
+        alignment_figure=report(
+            f"{RESULTS}/{{dataset}}/evaluate/alignment.png",
+            caption="../report/alignment.rst",
+            category="4. Alignment",
+            labels={"dataset": "{dataset}", "figure": "retrieval"},
+        ),
         embedding_figure=report(
             f"{RESULTS}/{{dataset}}/evaluate/embeddings.png",
             caption="../report/embeddings.rst",
@@ -43,4 +49,5 @@ rule evaluate:
         "virtualcell evaluate --dataset {wildcards.dataset} --shared {input.shared} --space {params.space}"
         " {params.simulators} {params.decoder} --output {output.metrics} --fates {output.fates} --figure {output.figure}"
         " --fate-figure {output.fate_figure} --embedding-figure {output.embedding_figure}"
+        " --alignment-figure {output.alignment_figure}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"
