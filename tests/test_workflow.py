@@ -173,7 +173,7 @@ def test_registered_model_speaks_genes(workflow_run, client, raw_cells):
 
     model = mlflow.pyfunc.load_model("models:/virtualcell-synthetic/1")
     version = client.get_model_version("virtualcell-synthetic", "1")
-    assert "counts of cells x genes" in version.description and "heldout.w1_pca5.model" in version.tags
+    assert "cells x genes (gene names as columns, raw counts) in" in version.description and "heldout.w1_pca5.model" in version.tags
     assert model.metadata.get_params_schema() is not None and model.input_example is not None
     cell = model.unwrap_python_model().cell
     frame, t, shared = raw_cells["frame"], raw_cells["time"], raw_cells["shared"]

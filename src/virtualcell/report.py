@@ -50,8 +50,8 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
             f"{cell.fate_names}")
         mean = values.get("simulation", {}).get("mean", {})
         about = (
-            f"The virtual cell of {dataset}: counts of cells x genes (gene names as columns, "
-            f"{cell.values} values) in, with params horizon and t_start (times {cell.times.tolist()}); out: "
+            f"The virtual cell of {dataset}: cells x genes (gene names as columns, "
+            f"{'raw counts' if cell.values == 'counts' else cell.values + ' values'}) in, with params horizon and t_start (times {cell.times.tolist()}); out: "
             f"simulated log-normalised expression of {len(cell.output_genes)} genes, the state z0..z"
             f"{cell.meta['state_dim'] - 1} ({cell.space} space) and p_<fate> for fates {cell.fate_names}.")
         judged = (f" Judged on held-out time points: mean W1 (pca5) model "
@@ -73,4 +73,4 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
     io.write_json({"dataset": dataset, "model_uri": uri, "registered_model": name, "space": cell.space,
                    "state_dim": int(cell.meta["state_dim"]), "genes_in": len(cell.genes),
                    "genes_out": len(cell.output_genes), "fates": cell.fate_names}, output)
-    say(f"registered {name} ({uri})")
+    say(f"logged the virtual cell ({uri})" + (f", registered as {name}" if name else " (mlflow.register: false)"))
