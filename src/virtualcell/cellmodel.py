@@ -209,7 +209,7 @@ class VirtualCell:
     # -- prediction ----------------------------------------------------------------------------------
 
     def expression(self, states: np.ndarray, *, sample: bool = True, seed: int = 0) -> np.ndarray:
-        """Log-normalised expression of the output genes in ``states`` (a sample, or with ``sample=False`` the means)."""
+        """Log-normalised expression of the output genes in ``states``: a sample, or the means (``sample=False``)."""
         if self.space == "pca5":
             # The inverse of the whitened projection: the expression's part in the 5 components.
             return (np.asarray(states, dtype=np.float64) * self._ref["scale"]) @ self._ref["components"] \

@@ -51,7 +51,8 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
         mean = values.get("simulation", {}).get("mean", {})
         about = (
             f"The virtual cell of {dataset}: cells x genes (gene names as columns, "
-            f"{'raw counts' if cell.values == 'counts' else cell.values + ' values'}) in, with params horizon and t_start (times {cell.times.tolist()}); out: "
+            f"{'raw counts' if cell.values == 'counts' else cell.values + ' values'}) in, with params "
+            f"horizon and t_start (times {cell.times.tolist()}); out: "
             f"simulated log-normalised expression of {len(cell.output_genes)} genes, the state z0..z"
             f"{cell.meta['state_dim'] - 1} ({cell.space} space) and p_<fate> for fates {cell.fate_names}.")
         judged = (f" Judged on held-out time points: mean W1 (pca5) model "

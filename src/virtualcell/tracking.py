@@ -610,9 +610,10 @@ class VirtualCellModel(mlflow.pyfunc.PythonModel):
     """The virtual cell over MLflow: genes in, genes out (:class:`virtualcell.cellmodel.VirtualCell`).
 
     Input: a DataFrame of cells x genes (gene names as columns; raw counts unless the model was
-    trained on normalised or log values), or the path of an .h5ad (``layers['counts']``, else ``X``). Params: ``horizon`` (time to simulate), ``t_start`` (the
-    cells' time), ``seed``, ``n_rollouts`` (fate simulations per cell), ``n_steps``, ``sample`` (false: the decoder's
-    mean expression rather than a sample).
+    trained on normalised or log values), or the path of an .h5ad (``layers['counts']``, else ``X``).
+    Params: ``horizon`` (time to simulate), ``t_start`` (the cells' time), ``seed``, ``n_rollouts``
+    (fate simulations per cell), ``n_steps``, ``sample`` (false: the decoder's mean expression rather
+    than a sample).
     Output: one row per cell: the simulated log-normalised expression of the training's highly
     variable genes, the simulated state ``z0..`` and ``p_<fate>``, the probability of each fate.
 
@@ -634,7 +635,8 @@ class VirtualCellModel(mlflow.pyfunc.PythonModel):
         seed = int(params.get("seed", 0))
         n_steps = int(params["n_steps"]) if params.get("n_steps") else None
         states = state_columns(int(self.cell.meta["state_dim"]))
-        if isinstance(model_input, pd.DataFrame) and set(model_input.columns) <= {*states, T_START, HORIZON} and states[0] in model_input:
+        coordinates = isinstance(model_input, pd.DataFrame) and states[0] in model_input
+        if coordinates and set(model_input.columns) <= {*states, T_START, HORIZON}:
             x = model_input[states].to_numpy(dtype=np.float32)
             starts = model_input[T_START].to_numpy(dtype=float) if T_START in model_input else np.full(len(x), t_start)
             spans = model_input[HORIZON].to_numpy(dtype=float) if HORIZON in model_input else np.full(len(x), horizon)
