@@ -290,6 +290,8 @@ def _check_every_output(folder: Path) -> list[Path]:
             pd.read_csv(path, sep="\t")
         elif path.suffix == ".png":
             assert path.read_bytes().endswith(b"IEND\xaeB`\x82"), path
+        elif path.suffix == ".html":
+            assert path.read_text().rstrip().endswith("</html>"), path
         else:
             raise AssertionError(f"unexpected output {path}")
     return files
