@@ -43,4 +43,5 @@ def test_a_dataset_without_time_points_has_only_its_alignment_verdict(tmp_path):
     (tmp_path / "spatial" / "evaluate" / "metrics.json").write_text(__import__("json").dumps(only))
     text = summary.where_things_are(tmp_path, ["spatial", "missing"], tracking_uri="sqlite:////x/mlflow.db?timeout=1")
     assert "spatial: Cross-modal matching" in text and "missing:" not in text
-    assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db\n" in text
+    assert "  MLflow: mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in text.splitlines()
+    assert "virtualcell predict" not in text  # no dataset here has a registered virtual cell

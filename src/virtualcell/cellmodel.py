@@ -189,8 +189,9 @@ class VirtualCell:
         In the shared space of an aligned dataset a cell's state is the normalised sum of its RNA
         and partner (protein, image) embeddings. Given RNA alone, the partner's embedding is
         predicted from the RNA one by a ridge regression fitted on the training cells
-        (:func:`write_bundle`): on the test config's held-out cells the state's cosine to the one
-        with protein is 0.97 this way, 0.85 from the RNA embedding alone.
+        (:func:`write_bundle`). Median cosine of the state to the one with protein, on held-out
+        cells: 0.97 this way against 0.85 from the RNA embedding alone on the test config; 0.986
+        against 0.980 on the default data, where the alignment is tighter.
         """
         if self.space == "pca5":
             log_x = self.log_expression(values) if log_expression is None else log_expression
@@ -398,6 +399,8 @@ def predict_h5ad(cell: VirtualCell, path: str | Path, output: str | Path, *, hor
     for w in caught:
         if "virtual cell" in str(w.message):
             print(f"[virtualcell] {path}: {w.message}", flush=True)
+        else:  # not ours: passed on as it came, not swallowed
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     out = ad.AnnData(X=answer.observed.astype(np.float32), obs=cells.obs.copy(),
                      var=pd.DataFrame(index=pd.Index(answer.genes, name=cells.var_names.name)))
     out.layers["simulated"] = answer.expression.astype(np.float32)

@@ -138,7 +138,9 @@ def where_things_are(results: str | Path, datasets: list[str], *, tracking_uri: 
         "  the report: snakemake --report results/report.html (then open it in a browser)",
         f"  MLflow: mlflow ui --backend-store-uri {tracking_uri.partition('?')[0]}" if tracking_uri.startswith("sqlite")
         else f"  MLflow: {tracking_uri}",
-        "  ask the virtual cell: virtualcell predict --model models:/virtualcell-<dataset>/latest "
-        "--input cells.h5ad --horizon 1 --output out.h5ad",
     ]
+    for dataset in datasets:
+        if Path(results, dataset, "report", "model.json").exists():
+            lines.append(f"  ask the virtual cell: virtualcell predict --model models:/virtualcell-{dataset}/latest "
+                         "--input cells.h5ad --horizon 1 --output out.h5ad")
     return "\n".join(lines)
