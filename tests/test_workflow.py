@@ -94,6 +94,16 @@ def test_outputs_and_metrics(workflow_run):
     retrieval = metrics["alignment"]["rna-prot"]
     assert set(retrieval) == {"foscttm", "top1", "top5", "match_prob"}
     assert retrieval["foscttm"]["model"] < retrieval["foscttm"]["random"]
+    # protein from RNA alone, beside its baselines on the same held-out cells; the energy of true pairs
+    # is below that of shuffled ones; compression compares the joint embeddings with RNA alone
+    protein = metrics["prediction"]["protein_from_rna"]
+    assert set(protein) == {"pearson_per_protein", "pearson_per_cell"}
+    assert set(protein["pearson_per_protein"]) == {"model", "cca", "knn", "ridge", "random"}
+    assert protein["pearson_per_protein"]["model"] > protein["pearson_per_protein"]["random"] + 0.3
+    assert metrics["energy"]["paired"] < metrics["energy"]["shuffled"]
+    assert set(metrics["compression"]) == {"knn_fate", "r2_latent"}
+    assert set(metrics["compression"]["r2_latent"]) == {"rna", "joint", "shared"}
+    assert (results / "evaluate" / "prediction.png").stat().st_size > 20_000
     assert (workflow_run / "results" / "report.html").stat().st_size > 10_000
     assert (results / "evaluate" / "embeddings.png").stat().st_size > 20_000  # UMAPs of the embeddings
     assert (results / "evaluate" / "alignment.png").stat().st_size > 20_000  # retrieval curves, similarity
@@ -200,6 +210,12 @@ def test_registered_model_speaks_genes(workflow_run, client, raw_cells):
     states = cell.states(cell.match_genes(start.to_numpy(), list(start.columns))[0])
     cosine = np.sum(states * np.asarray(shared.obsm["X_shared"])[t == 0], axis=1)
     assert np.median(cosine) > 0.9
+    # and its protein, predicted from the RNA alone, follows the protein measured on those cells
+    proteins = [c for c in out.columns if c.startswith("prot:")]
+    assert len(proteins) == len(cell.partner_features) > 0
+    measured = np.asarray(shared.obsm["X_input_prot"])[t == 0]
+    r = [np.corrcoef(out[c].to_numpy(), measured[:, j])[0, 1] for j, c in enumerate(proteins)]
+    assert np.nanmedian(r) > 0.5
 
 
 def test_served_model_answers_a_post_of_counts(workflow_run, raw_cells, tmp_path):
@@ -248,6 +264,7 @@ def test_predict_command_writes_an_h5ad(workflow_run, raw_cells, tmp_path):
     assert set(out.obs["predicted_fate"]) <= set(out.obsm["fate_probabilities"].columns)
     assert out.uns["virtualcell"]["t_end"] == 2.0
     assert not np.allclose(out.layers["simulated"], out.X)
+    assert out.obsm["X_predicted_prot"].shape == (out.n_obs, len(raw_cells["shared"].uns["partner_features"]))
     # log values where the model reads counts: refused in one line naming the file, nothing written
     done = predict("cells.h5ad", "x.h5ad", "--layer", "missing")
     assert done.returncode == 1 and "no layer 'missing'" in done.stderr.strip().splitlines()[-1]

@@ -9,7 +9,7 @@ dataset, with what it needs to measure new cells as QC measured the training cel
 - ``arrays.npz``: the pca5 projection and the states and fates of the last time point's cells
   (what a simulated end state is classified against);
 - the model files: ``simulator.pt`` and, as the state space needs them, ``rna_encoder.pt``,
-  ``aligner.pt`` and ``decoder.pt``.
+  ``aligner.pt``, ``predictor.pt`` and ``decoder.pt``.
 
 Prediction, given counts of cells x genes (by name):
 
@@ -22,7 +22,8 @@ Prediction, given counts of cells x genes (by name):
 4. the decoder (or, in pca5, the inverse projection) turns the end states into
    log-normalised expression of the highly variable genes;
 5. fate probabilities: ``n_rollouts`` stochastic simulations of each cell to the last
-   observed time, each end state classified by its nearest real cells there.
+   observed time, each end state classified by its nearest real cells there;
+6. on a dataset aligned with protein, the cells' protein now, predicted from their RNA alone.
 
 The MLflow pyfunc (:class:`virtualcell.tracking.VirtualCellModel`) and ``virtualcell
 predict`` both call this class; model and tracking code stay apart.
@@ -47,10 +48,12 @@ from virtualcell.errors import InputError
 META = "virtualcell.json"
 ARRAYS = "arrays.npz"
 SIMULATOR, ENCODER, ALIGNER, DECODER = "simulator.pt", "rna_encoder.pt", "aligner.pt", "decoder.pt"
-FORMAT_VERSION = 1
+PREDICTOR = "predictor.pt"
+FORMAT_VERSION = 2  # 2: the partner from RNA by align's learned predictor (1: a ridge regression)
 # Output column names beside the genes: the simulated state and the fate probabilities.
 STATE_PREFIX = "z"
 FATE_PREFIX = "p_"
+PARTNER_PREFIX = "prot:"  # the input cells' protein, predicted from their RNA
 
 
 @dataclasses.dataclass
@@ -59,6 +62,8 @@ class Prediction:
 
     ``expression`` (cells x ``genes``): simulated log-normalised expression at ``t_end``;
     ``observed``: the input cells' own log-normalised expression of the same genes;
+    ``partner`` (cells x ``partner_features``, aligned with protein): the cells' protein (CLR) at
+    ``t_start``, predicted from their RNA alone;
     ``start`` / ``end``: states at ``t_start`` and ``t_end``; ``fates`` (cells x
     ``fate_names``): probabilities of each fate at the last observed time; ``n_missing``
     genes zero-filled and ``n_ignored`` input genes not used.
@@ -75,14 +80,20 @@ class Prediction:
     t_end: float
     n_missing: int
     n_ignored: int
+    partner_features: list[str] = dataclasses.field(default_factory=list)
+    partner: np.ndarray | None = None
 
     def frame(self, index: Any = None) -> pd.DataFrame:
-        """One table: the genes' simulated expression, then ``z0..`` (end state), then ``p_<fate>``."""
+        """One table: the genes' simulated expression, then ``z0..`` (end state), then ``p_<fate>``, then
+        (aligned with protein) ``prot:<protein>``, the cells' protein now, predicted from their RNA."""
         blocks = [
             pd.DataFrame(self.expression, columns=self.genes, index=index),
             pd.DataFrame(self.end, columns=state_columns(self.end.shape[1]), index=index),
             pd.DataFrame(self.fates, columns=[FATE_PREFIX + f for f in self.fate_names], index=index),
         ]
+        if self.partner is not None:
+            blocks.append(pd.DataFrame(self.partner, columns=[PARTNER_PREFIX + f for f in self.partner_features],
+                                       index=index))
         return pd.concat(blocks, axis=1)
 
 
@@ -97,6 +108,7 @@ class VirtualCell:
         from virtualcell.models.contrastive import Aligner
         from virtualcell.models.decoder import ExpressionDecoder
         from virtualcell.models.dynamics import Simulator
+        from virtualcell.models.predictor import CrossModalPredictor
         from virtualcell.models.vae import CountEncoder
 
         self.directory = Path(directory)
@@ -113,6 +125,7 @@ class VirtualCell:
         self.values: str = self.meta["values"]
         self.times = np.asarray(self.meta["times"], dtype=float)
         self.fate_names: list[str] = list(self.meta["fate_names"])
+        self.partner_features: list[str] = list(self.meta.get("partner_features", []))
         self._ref = {"genes": np.asarray(self.output_genes), "mean": self._arrays["pca_mean"],
                      "components": self._arrays["pca_components"], "scale": self._arrays["pca_scale"],
                      "target_sum": self.meta["target_sum"]}
@@ -127,7 +140,9 @@ class VirtualCell:
         self.encoder = load(CountEncoder, ENCODER)
         self.aligner = load(Aligner, ALIGNER)
         self.decoder = load(ExpressionDecoder, DECODER)
-        needs = {"pca5": [], "rna_latent": ["encoder", "decoder"], "shared": ["encoder", "aligner", "decoder"]}
+        self.predictor = load(CrossModalPredictor, PREDICTOR)
+        needs = {"pca5": [], "rna_latent": ["encoder", "decoder"],
+                 "shared": ["encoder", "aligner", "predictor", "decoder"]}
         missing = [n for n in ["simulator", *needs[self.space]] if getattr(self, n) is None]
         if missing:
             raise InputError(f"{self.directory}: the bundle lacks its {', '.join(missing)}; rerun the report step")
@@ -184,28 +199,32 @@ class VirtualCell:
         return np.log1p(x) if self.values == "normalized" else x
 
     def states(self, values: Any, log_expression: np.ndarray | None = None) -> np.ndarray:
-        """Each cell's state in the simulator's space, from its expression alone.
+        """Each cell's state in the simulator's space, from its expression alone."""
+        return self._states(values, log_expression)[0]
+
+    def _states(self, values: Any, log_expression: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The states, and (aligned with protein) the cells' protein predicted from their RNA.
 
         In the shared space of an aligned dataset a cell's state is the normalised sum of its RNA
         and partner (protein, image) embeddings. Given RNA alone, the partner's embedding is
-        predicted from the RNA one by a ridge regression fitted on the training cells
-        (:func:`write_bundle`). Median cosine of the state to the one with protein, on held-out
-        cells: 0.97 this way against 0.85 from the RNA embedding alone on the test config; 0.986
-        against 0.980 on the default data, where the alignment is tighter.
+        predicted from the RNA by align's learned predictor (JEPA-style,
+        :class:`virtualcell.models.predictor.CrossModalPredictor`), whose decoder also gives the
+        protein values.
         """
         if self.space == "pca5":
             log_x = self.log_expression(values) if log_expression is None else log_expression
-            return reference.project(log_x, self._ref).astype(np.float32)
+            return reference.project(log_x, self._ref).astype(np.float32), None
         x = values[:, self._hvg]
         if self.values != "counts":
             x = self.log_expression(values) if log_expression is None else log_expression
         latent = self.encoder.encode(sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x)
                                      else np.asarray(x, dtype=np.float32))
         if self.space == "rna_latent":
-            return latent
-        za = self.aligner.embed("rna", latent).astype(np.float64)
-        zb = _unit(za @ self._arrays["partner_coef"].T + self._arrays["partner_intercept"])
-        return _unit(za + zb).astype(np.float32)
+            return latent, None
+        za = self.aligner.embed("rna", latent)
+        zb = self.predictor.predict_embedding(latent, za)
+        partner = self.predictor.decode(zb) if self.partner_features else None
+        return _unit(za.astype(np.float64) + zb).astype(np.float32), partner
 
     # -- prediction ----------------------------------------------------------------------------------
 
@@ -273,7 +292,7 @@ class VirtualCell:
         t_start = float(self.times[0] if t_start is None else t_start)
         matched, n_missing, n_ignored = self.match_genes(values, genes)
         observed = self.log_expression(matched)
-        start = self.states(matched, observed)
+        start, partner = self._states(matched, observed)
         end = self.simulate(start, t_start=t_start, horizon=horizon, seed=seed, n_steps=n_steps)
         n_steps = n_steps or int(self.meta["n_steps"])
         fates = self.fates(start, t_start=t_start, n_rollouts=n_rollouts or int(self.meta["n_rollouts"]),
@@ -281,11 +300,13 @@ class VirtualCell:
         return Prediction(genes=self.output_genes, expression=np.asarray(self.expression(end, sample=sample,
                                                                                          seed=seed)),
                           observed=observed, start=start, end=end, fate_names=self.fate_names, fates=fates,
-                          t_start=t_start, t_end=t_start + horizon, n_missing=n_missing, n_ignored=n_ignored)
+                          t_start=t_start, t_end=t_start + horizon, n_missing=n_missing, n_ignored=n_ignored,
+                          partner_features=self.partner_features, partner=partner)
 
 
 def write_bundle(directory: str | Path, *, shared: Any, simulator: str, encoder: str | None, aligner: str | None,
-                 decoder: str | None, space: str, n_steps: int, n_rollouts: int, seed: int) -> Path:
+                 decoder: str | None, space: str, n_steps: int, n_rollouts: int, seed: int,
+                 predictor: str | None = None) -> Path:
     """Gather what a :class:`VirtualCell` needs from the pipeline's files into ``directory``.
 
     ``shared`` is the state file the simulator was trained on (AnnData: obs ``time`` and, when
@@ -320,14 +341,18 @@ def write_bundle(directory: str | Path, *, shared: Any, simulator: str, encoder:
             "target_sum": None if not np.isfinite(ref["target_sum"]) else float(ref["target_sum"]),
             "genes": genes, "hvg": hvg, "times": times.tolist(), "fate_names": fate_names,
             "state_dim": int(x.shape[1]), "n_steps": int(n_steps), "n_rollouts": int(n_rollouts), "seed": int(seed)}
+    if state_name == "shared" and shared.uns.get(stages.PARTNER) == io.PROT:
+        meta["partner_features"] = [str(f) for f in np.asarray(shared.uns.get(stages.PARTNER_NAMES, []))]
+        clash = {PARTNER_PREFIX + f for f in meta["partner_features"]} & set(hvg)
+        if clash:
+            raise InputError(f"gene names {sorted(clash)[:3]} clash with the virtual cell's protein columns; rename them")
     (directory / META).write_text(json.dumps(meta, indent=1))
     arrays = {"pca_mean": ref["mean"], "pca_components": ref["components"], "pca_scale": ref["scale"],
               "fate_states": x[last].astype(np.float32), "fate_labels": np.asarray(labels, dtype=str)}
-    if state_name == "shared":
-        arrays |= _partner_predictor(shared)
     np.savez(directory / ARRAYS, **arrays)
     files = {SIMULATOR: simulator, ENCODER: encoder if state_name != reference.SPACE else None,
              ALIGNER: aligner if state_name == "shared" else None,
+             PREDICTOR: predictor if state_name == "shared" else None,
              DECODER: decoder if state_name != reference.SPACE else None}
     for name, path in files.items():
         if path:
@@ -344,23 +369,6 @@ def example_input(rna: ad.AnnData, n: int = 5) -> pd.DataFrame:
 
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-12)
-
-
-def _partner_predictor(shared: ad.AnnData) -> dict[str, np.ndarray]:
-    """A ridge regression from the RNA's shared embedding to the partner's, on the training cells.
-
-    It lets a cell measured by RNA alone reach the shared space the simulator was trained in
-    (issue 13's latent predictor is the learned version of this).
-    """
-    from sklearn.linear_model import Ridge
-
-    from virtualcell.stages import PARTNER, SHARED_RNA, shared_key
-
-    train = (shared.obs["split"] == "train").to_numpy() if "split" in shared.obs else np.ones(shared.n_obs, bool)
-    za = np.asarray(shared.obsm[SHARED_RNA], dtype=np.float64)[train]
-    zb = np.asarray(shared.obsm[shared_key(shared.uns[PARTNER])], dtype=np.float64)[train]
-    fit = Ridge(alpha=1.0).fit(za, zb)
-    return {"partner_coef": fit.coef_, "partner_intercept": fit.intercept_}
 
 
 def read_cells(path: str | Path, *, layer: str | None = None) -> tuple[ad.AnnData, Any]:
@@ -386,6 +394,8 @@ def predict_h5ad(cell: VirtualCell, path: str | Path, output: str | Path, *, hor
     - ``layers['simulated']``: simulated log-normalised expression at ``t_start + horizon``;
     - ``obsm['X_state']`` / ``obsm['X_state_simulated']``: the states at ``t_start`` and after;
     - ``obsm['fate_probabilities']`` (a DataFrame, one column per fate) and ``obs['predicted_fate']``;
+    - ``obsm['X_predicted_prot']`` (a DataFrame, one column per protein; datasets aligned with protein):
+      the cells' protein (CLR) at ``t_start``, predicted from their RNA alone;
     - ``uns['virtualcell']``: the model, times, seed, and the genes zero-filled or ignored.
     """
     cells, values = read_cells(path, layer=layer)
@@ -406,6 +416,9 @@ def predict_h5ad(cell: VirtualCell, path: str | Path, output: str | Path, *, hor
     out.layers["simulated"] = answer.expression.astype(np.float32)
     out.obsm["X_state"], out.obsm["X_state_simulated"] = answer.start, answer.end
     out.obsm["fate_probabilities"] = pd.DataFrame(answer.fates, index=out.obs_names, columns=answer.fate_names)
+    if answer.partner is not None:
+        out.obsm["X_predicted_prot"] = pd.DataFrame(answer.partner, index=out.obs_names,
+                                                    columns=answer.partner_features)
     out.obs["predicted_fate"] = pd.Categorical(np.asarray(answer.fate_names)[answer.fates.argmax(axis=1)],
                                                categories=answer.fate_names)
     out.uns["virtualcell"] = {"model": model, "space": cell.space, "horizon": float(horizon),

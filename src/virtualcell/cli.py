@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--embeddings", help="embed's embeddings.h5ad (the RNA latents)")
     _add(p, "--output", help="align/shared.h5ad: each cell's shared-space state (obsm X_shared) and both heads'")
     _add(p, "--model", help="align/aligner.pt to write")
+    _add(p, "--predictor", required=False, default=None,
+         help="align/predictor.pt to write: the partner predicted from RNA alone (JEPA-style, with its decoder)")
     _add(p, "--figure", help="the training-loss figure (.png)")
 
     p = stage("simulate", "fit the dynamics (one seed) with one time point held out, the last ('last') or none")
@@ -147,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--embedding-figure", required=False, default=None, help="UMAPs of the embeddings (.png)")
     _add(p, "--alignment-figure", required=False, default=None,
          help="retrieval curves and cross-modal similarity of held-out cells (.png)")
+    _add(p, "--prediction-figure", required=False, default=None,
+         help="protein predicted from RNA alone vs measured, per protein, against the baselines (.png)")
 
     p = stage("report", "log the virtual cell (genes in, genes out) and register it in the MLflow model registry")
     _add(p, "--dataset", help=DATASET)
@@ -155,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--expression", help="pair's paired.h5mu: the genes and values cells come in")
     _add(p, "--encoder", required=False, default=None, help="embed's rna_encoder.pt (simulate.space: embedding)")
     _add(p, "--aligner", required=False, default=None, help="align's aligner.pt (aligned datasets)")
+    _add(p, "--predictor", required=False, default=None,
+         help="align's predictor.pt (aligned datasets): the partner's embedding and values from RNA alone")
     _add(p, "--decoder", required=False, default=None, help="decode's decoder.pt (simulate.space: embedding)")
     _add(p, "--metrics", help="evaluate's metrics.json (the numbers the model was judged by)")
     _add(p, "--output", help="report/model.json to write: the model's URI, its space and genes")
@@ -165,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Simulate cells forward with a logged virtual cell and write the answer into "
                        "an .h5ad: X (the cells' own log-normalised expression of the model's genes), "
                        "layers['simulated'], obsm['X_state'], obsm['X_state_simulated'], "
-                       "obsm['fate_probabilities'], obs['predicted_fate'] and uns['virtualcell'].")
+                       "obsm['fate_probabilities'], obs['predicted_fate'], uns['virtualcell'] and, on a dataset aligned "
+                       "with protein, obsm['X_predicted_prot'] (the cells' protein predicted from their RNA).")
     _add(p, "--model", help="models:/virtualcell-<dataset>/latest, a runs:/ or models:/ URI, or a local model folder")
     _add(p, "--input", help=".h5ad of cells (raw counts in layers['counts'] or X; gene names as var_names)")
     _add(p, "--horizon", type=float, help="time to simulate forward, in the units of the training time labels")
@@ -234,10 +241,11 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
                                             joint_model=args.joint_model, figure=args.figure, params=p,
                                             device=device, run=run, checkpoint_every=every))
     if args.stage == "align":
-        return ("align", [args.input, args.embeddings], [args.output, args.model, args.figure], wildcards,
+        return ("align", [args.input, args.embeddings],
+                [args.output, args.model, args.figure, *filter(None, [args.predictor])], wildcards,
                 lambda p, run: stages.align(input=args.input, embeddings=args.embeddings, output=args.output,
                                             model=args.model, figure=args.figure, params=p, device=device,
-                                            run=run, checkpoint_every=every))
+                                            run=run, checkpoint_every=every, predictor=args.predictor))
     if args.stage == "simulate":
         return ("simulate", [args.input], [args.output, args.figure],
                 wildcards | {"holdout": args.holdout} | ({} if args.seed is None else {"seed": str(args.seed)}),
@@ -257,24 +265,26 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
                 raise InputError(f"--simulator {item}: expected HOLDOUT=PATH")
             simulators.setdefault(holdout, []).append(path)
         outputs = [f for f in (args.output, args.fates, args.figure, args.fate_figure, args.embedding_figure,
-                                    args.alignment_figure) if f]
+                                    args.alignment_figure, args.prediction_figure) if f]
         inputs = [args.shared, *(p for paths in simulators.values() for p in paths), *filter(None, [args.decoder])]
         return ("evaluate", inputs, outputs, wildcards,
                 lambda p, run: stages.evaluate(shared=args.shared, simulators=simulators, output=args.output,
                                                figure=args.figure, dataset=args.dataset, params=p, run=run,
                                                space=args.space, fates=args.fates, fate_figure=args.fate_figure,
                                                decoder=args.decoder, embedding_figure=args.embedding_figure,
-                                               alignment_figure=args.alignment_figure))
+                                               alignment_figure=args.alignment_figure,
+                                               prediction_figure=args.prediction_figure))
     if args.stage == "report":
         from virtualcell import report
 
-        models = [f for f in (args.encoder, args.aligner, args.decoder) if f]
+        models = [f for f in (args.encoder, args.aligner, args.predictor, args.decoder) if f]
         return ("report", [args.simulator, args.shared, args.expression, args.metrics, *models],
                 [args.output, args.summary, *filter(None, [args.page])], wildcards,
                 lambda p, run: report.register(simulator=args.simulator, shared=args.shared,
                                                expression=args.expression, metrics=args.metrics,
                                                output=args.output, summary=args.summary, dataset=args.dataset,
                                                params=p, run=run, encoder=args.encoder, aligner=args.aligner,
+                                               predictor=args.predictor,
                                                decoder=args.decoder, page=args.page))
     raise AssertionError(args.stage)
 

@@ -269,6 +269,45 @@ def alignment(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], *, labels: np.
     return fig
 
 
+def prediction(predictions: Mapping[str, np.ndarray], *, names: Sequence[str] = (), max_cells: int = 2000,
+               seed: int = 0):
+    """Protein predicted from RNA alone against the measured protein of held-out cells.
+
+    Top: each protein's Pearson r (over cells) for the model and each baseline, proteins sorted by the
+    model's r. Bottom: predicted vs measured values of three proteins (the model's best, median and
+    worst), the identity line dashed. ``predictions`` is ``measured`` and method -> cells x proteins.
+    """
+    from virtualcell.crossmodal import pearson_per_feature
+
+    plt = pyplot()
+    true = np.asarray(predictions["measured"])
+    methods = [m for m in predictions if m != "measured"]
+    names = list(names) if len(names) == true.shape[1] else [f"protein {j}" for j in range(true.shape[1])]
+    r = {m: pearson_per_feature(np.asarray(predictions[m]), true) for m in methods}
+    order = np.argsort(-np.nan_to_num(r["model"], nan=-1))
+    fig = plt.figure(figsize=(11, 7))
+    bars = fig.add_subplot(2, 1, 1)
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        bars.bar(np.arange(len(order)) + i * width, r[m][order], width=width,
+                 label=f"{m} (mean {np.nanmean(r[m]):.3f})")
+    bars.set_xticks(np.arange(len(order)) + 0.4 - width / 2, [names[j] for j in order], rotation=90, fontsize=6)
+    bars.set(ylabel="Pearson r over held-out cells", title="protein predicted from RNA alone, per protein")
+    bars.axhline(0, color="k", lw=0.5)
+    bars.legend(fontsize=7, ncol=len(methods))
+    cells = np.random.default_rng(seed).choice(len(true), size=min(len(true), max_cells), replace=False)
+    picks = [order[0], order[len(order) // 2], order[-1]]
+    for k, j in enumerate(picks):
+        ax = fig.add_subplot(2, 3, 4 + k)
+        pred = np.asarray(predictions["model"])[cells, j]
+        ax.scatter(true[cells, j], pred, s=3, alpha=0.4, rasterized=True)
+        lo, hi = float(min(true[cells, j].min(), pred.min())), float(max(true[cells, j].max(), pred.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
+        ax.set(xlabel=f"measured {names[j]}", ylabel="predicted from RNA", title=f"r = {r['model'][j]:.2f}")
+    fig.tight_layout()
+    return fig
+
+
 def placeholder(text: str):
     """A small figure saying why there is nothing to draw (a rule's declared output still exists)."""
     fig, ax = pyplot().subplots(figsize=(4, 1.5))

@@ -20,12 +20,14 @@ from virtualcell.tracking import JobRun
 
 def register(*, simulator: str, shared: str, expression: str, metrics: str, output: str, summary: str,
              dataset: str, params: Mapping[str, Any], run: JobRun, encoder: str | None = None,
-             aligner: str | None = None, decoder: str | None = None, page: str | None = None) -> None:
+             aligner: str | None = None, decoder: str | None = None, page: str | None = None,
+             predictor: str | None = None) -> None:
     """Log the virtual cell (genes in, genes out: :mod:`virtualcell.cellmodel`) as a pyfunc model and
     register it as ``virtualcell-{dataset}``, with the summary of the metrics it was judged by.
 
     ``simulator`` is the model trained on every time point; ``encoder`` (the RNA encoder),
-    ``aligner`` and ``decoder`` take expression to its states and back, as the state space needs.
+    ``aligner``, ``predictor`` (the partner from RNA) and ``decoder`` take expression to its states and
+    back, as the state space needs.
     """
     from virtualcell.models.dynamics import Simulator
 
@@ -37,7 +39,7 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
     values = json.loads(Path(metrics).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         bundle = cellmodel.write_bundle(Path(tmp) / "virtual_cell", shared=data, simulator=simulator,
-                                        encoder=encoder, aligner=aligner, decoder=decoder,
+                                        encoder=encoder, aligner=aligner, predictor=predictor, decoder=decoder,
                                         space=params.get("space", "embedding"), n_steps=params["n_steps"],
                                         n_rollouts=max(1, params["fate_rollouts"]), seed=params["seed"])
         cell = cellmodel.VirtualCell(bundle)
@@ -54,7 +56,9 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
             f"{'raw counts' if cell.values == 'counts' else cell.values + ' values'}) in, with params "
             f"horizon and t_start (times {cell.times.tolist()}); out: "
             f"simulated log-normalised expression of {len(cell.output_genes)} genes, the state z0..z"
-            f"{cell.meta['state_dim'] - 1} ({cell.space} space) and p_<fate> for fates {cell.fate_names}.")
+            f"{cell.meta['state_dim'] - 1} ({cell.space} space) and p_<fate> for fates {cell.fate_names}"
+            + (f"; and the cells' {len(cell.partner_features)} proteins now, predicted from their RNA alone "
+               f"({cellmodel.PARTNER_PREFIX}<protein>)." if cell.partner_features else "."))
         judged = (f" Judged on held-out time points: mean W1 (pca5) model "
                   f"{mean.get('w1_pca5', {}).get('model', float('nan')):.3f} vs OT interpolation "
                   f"{mean.get('w1_pca5', {}).get('ot_interp', float('nan')):.3f}.")

@@ -33,9 +33,13 @@ EMBED_RNA = "X_rna"
 EMBED_JOINT = "X_joint"
 SHARED = "X_shared"
 SHARED_RNA = "X_shared_rna"
+RNA_PCA = "X_rna_pca"  # 30 PCs of the log-normalised HVGs: the space of the linear and kNN baselines
+N_RNA_PCS = 30
 PCA5 = f"X_{reference.KEY}"  # the literature's space: 5 whitened PCs of the log-normalised HVGs
+ENERGY = "pair_energy"  # obs: the predictor's squared error on a cell's measured partner embedding
 # align's output: which modality the expression was aligned with
 PARTNER = "partner"
+PARTNER_NAMES = "partner_features"  # align's output: the names of the partner's values (the proteins)
 NO_HOLDOUT = "none"
 LAST = "last"  # the holdout of the last time point: extrapolated from the earlier ones
 # obs columns carried from the paired data into the embedding files
@@ -45,6 +49,11 @@ CARRIED_OBS = ("split", "time", "batch", "condition", "celltype", "fate")
 def shared_key(partner: str) -> str:
     """obsm key of a partner modality's shared embedding (``X_shared_prot``, ``X_shared_image``)."""
     return f"X_shared_{partner}"
+
+
+def predicted_key(partner: str) -> str:
+    """obsm key of the partner's values predicted from RNA alone (``X_predicted_prot``)."""
+    return f"X_predicted_{partner}"
 
 
 def input_key(partner: str) -> str:
@@ -271,6 +280,7 @@ def _reference_space(paired, out: ad.AnnData) -> None:
     """The literature's space (pca5) of every cell, and what scoring needs, on the embedding file.
 
     ``obsm["X_pca5"]``, ``uns["pca5"]`` (the projection, the genes QC kept and their normalisation),
+    ``obsm["X_rna_pca"]`` (30 PCs of the same genes, for the baselines of cross-modal prediction),
     and on generated data the truth: ``obsm["truth_latent"]`` and ``uns["synthetic"]``.
     """
     rna = paired.mod[io.expression_modality(paired)]
@@ -278,6 +288,10 @@ def _reference_space(paired, out: ad.AnnData) -> None:
     target_sum = rna.uns.get("normalize_total", {}).get("target_sum")
     ref = reference.fit(rna.X[:, hvg], rna.var_names[hvg], target_sum=target_sum, values=io.values_of(rna))
     out.obsm[PCA5] = reference.project(rna.X[:, hvg], ref).astype(np.float32)
+    # The baselines' space (scanpy's PCA, as a reviewer would run it), unwhitened; like pca5 it is
+    # fitted on all cells' RNA (no labels, no protein, so nothing of a held-out cell's partner leaks).
+    pcs = reference.fit(rna.X[:, hvg], rna.var_names[hvg], n_components=N_RNA_PCS)
+    out.obsm[RNA_PCA] = (reference.project(rna.X[:, hvg], pcs) * pcs["scale"]).astype(np.float32)
     out.uns[reference.KEY] = reference.to_uns(ref) | {"all_genes": np.asarray(rna.var_names, dtype=str)}
     if synthetic.LATENT_KEY in rna.obsm:
         out.obsm[synthetic.LATENT_KEY] = np.asarray(rna.obsm[synthetic.LATENT_KEY])
@@ -357,7 +371,10 @@ def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: 
 
 
 def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
-          params: Mapping[str, Any], device: str, run: JobRun, checkpoint_every: int = 0) -> None:
+          params: Mapping[str, Any], device: str, run: JobRun, checkpoint_every: int = 0,
+          predictor: str | None = None) -> None:
+    """Contrastive alignment of the expression with its partner modality, then (``predictor``) the
+    JEPA-style predictor of the partner from the expression (:func:`_predict_partner`)."""
     from virtualcell.evaluate import retrieval_metrics
     from virtualcell.models.contrastive import Aligner
 
@@ -400,16 +417,20 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     za, zb = aligner.embed("rna", xa), aligner.embed(partner, xb)
     both = za + zb
     out = ad.AnnData(obs=emb.obs.copy(), uns=dict(emb.uns))
-    for key in (PCA5, synthetic.LATENT_KEY):
+    for key in (PCA5, RNA_PCA, EMBED_JOINT, synthetic.LATENT_KEY):
         if key in emb.obsm:
             out.obsm[key] = emb.obsm[key]
     out.uns[PARTNER] = partner
+    if partner == PROT:
+        out.uns[PARTNER_NAMES] = np.asarray(paired.mod[PROT].var_names, dtype=str)
     out.obsm[SHARED_RNA], out.obsm[shared_key(partner)] = za, zb
     out.obsm[EMBED_RNA], out.obsm[input_key(partner)] = xa, xb
     out.obsm[SHARED] = both / np.linalg.norm(both, axis=1, keepdims=True).clip(1e-12)
     test = split == "test"
     metrics = retrieval_metrics(za[test], zb[test]) if test.sum() > 5 else {}
     run.log_metrics({f"align/test_{k}": v for k, v in metrics.items()})
+    if predictor:
+        _predict_partner(out, partner, params=params, device=device, run=run, path=predictor)
     plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([h["loss"] for h in history], label="train")
@@ -424,6 +445,36 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     io.write_h5ad(out, output)
     remove_checkpoints(checkpoint)
     say(f"align: test retrieval {metrics}")
+
+
+def _predict_partner(out: ad.AnnData, partner: str, *, params: Mapping[str, Any], device: str, run: JobRun,
+                     path: str) -> None:
+    """Train the partner's predictor from RNA on the training cells; record what it predicts for every cell.
+
+    ``obsm["X_predicted_<partner>"]`` (the partner's values from RNA alone), ``obsm["X_shared_<partner>_predicted"]``
+    (its shared embedding from RNA alone) and ``obs["pair_energy"]`` (how far the measured partner is from
+    the predicted one: a cell's two measurements that do not agree score high).
+    """
+    from virtualcell.models.predictor import CrossModalPredictor
+
+    split = out.obs["split"].to_numpy()
+    train, val = split == "train", split == "val"
+    arrays = [np.asarray(out.obsm[k], dtype=np.float32)
+              for k in (EMBED_RNA, SHARED_RNA, shared_key(partner), input_key(partner))]
+    model = CrossModalPredictor(arrays[0].shape[1], arrays[1].shape[1], arrays[3].shape[1],
+                                n_hidden=params["n_hidden"], dropout=params["dropout"])
+    say(f"align: JEPA-style predictor RNA -> {partner} on {int(train.sum())} cells")
+    _fit(functools.partial(model.fit, *(a[train] for a in arrays),
+                           validation=tuple(a[val] for a in arrays) if val.sum() > 1 else None,
+                           epochs=params["predictor_epochs"], batch_size=params["batch_size"], lr=params["lr"],
+                           seed=params["seed"], device=device),
+         run=run, prefix="align/predictor", checkpoint=None, every=0)
+    predicted = model.predict_embedding(arrays[0], arrays[1])
+    out.obsm[predicted_key(partner)] = model.decode(predicted)
+    out.obsm[f"{shared_key(partner)}_predicted"] = predicted
+    out.obs[ENERGY] = np.sum((predicted - arrays[2]) ** 2, axis=1)
+    io.atomic_write(path, model.save)
+    run.log_artifact(path, artifact_path="models")
 
 
 def observed_times(obs: pd.DataFrame, *, origin: str) -> np.ndarray:
@@ -552,15 +603,14 @@ def decode(*, input: str, expression: str, output: str, params: Mapping[str, Any
 def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: str, figure: str, dataset: str,
              params: Mapping[str, Any], run: JobRun, space: str = "embedding", fates: str | None = None,
              fate_figure: str | None = None, decoder: str | None = None, embedding_figure: str | None = None,
-             alignment_figure: str | None = None) -> None:
-    """metrics.json: retrieval against CCA, simulation against baselines in pca5, fates against the truth;
+             alignment_figure: str | None = None, prediction_figure: str | None = None) -> None:
+    """metrics.json: retrieval against CCA, protein from RNA (:mod:`virtualcell.crossmodal`), simulation against baselines in pca5, fates against the truth;
     the figures of these, of cross-modal matching (``alignment_figure``) and (``embedding_figure``)
     UMAPs of the embeddings.
 
     ``simulators`` maps each holdout (``none`` included) to its simulator files, one per seed, in
     seed order. ``decoder`` (:func:`decode`) takes simulators of the embedding space to pca5.
     """
-    from virtualcell import evaluate as ev
     from virtualcell import scoring
 
     data = io.read_h5ad(shared)
@@ -573,21 +623,21 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
 
     partner = data.uns.get(PARTNER)
     if partner and test.sum() > 5:
-        za, zb = data.obsm[SHARED_RNA], data.obsm[shared_key(partner)]
-        xa, xb = np.asarray(data.obsm[EMBED_RNA]), np.asarray(data.obsm[input_key(partner)])
-        if partner == IMAGE:
-            # CCA on thousands of pixels of a few hundred spots only memorises; the linear baseline
-            # sees the patches' leading principal components, fitted on training spots.
-            xb = ev.pca_features(xb, fit=train, n_components=za.shape[1])
-        cca = ev.cca_embedding(xa[train], xb[train], xa[test], xb[test], n_components=za.shape[1])
-        pairs = {"model": (za[test], zb[test]), "cca": cca, "random": ev.random_embedding(za[test], seed=seed)}
-        metrics["alignment"] = {f"rna-{partner}": ev.compare_retrieval(pairs)}
+        from virtualcell import crossmodal
+
+        sections, drawn = crossmodal.score(data, partner=partner, train=train, test=test, seed=seed)
+        metrics |= sections
         if alignment_figure:
             labels = obs["celltype"].astype(str).to_numpy()[test] if "celltype" in obs else None
-            fig = figures.alignment(pairs, labels=labels, partner=partner, seed=seed)
+            fig = figures.alignment(drawn["pairs"], labels=labels, partner=partner, seed=seed)
             run.log_figure(fig, "alignment.png")
             io.write_figure(fig, alignment_figure)
             alignment_figure = None
+        if prediction_figure and "predictions" in drawn:
+            fig = figures.prediction(drawn["predictions"], names=list(data.uns.get(PARTNER_NAMES, [])))
+            run.log_figure(fig, "prediction.png")
+            io.write_figure(fig, prediction_figure)
+            prediction_figure = None
 
     if any(h != NO_HOLDOUT for h in simulators):
         metrics["simulation"], fate, overlays = scoring.score_simulators(data, simulators, params=params, space=space,
@@ -620,11 +670,17 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
     if alignment_figure:
         io.write_figure(figures.placeholder("no alignment\n(no partner modality, or too few test cells)"),
                         alignment_figure)
+    if prediction_figure:
+        io.write_figure(figures.placeholder("no cross-modal prediction\n(no protein, or too few test cells)"),
+                        prediction_figure)
     run.log_metrics({f"evaluate/{k}": v for k, v in _flat_metrics(metrics).items()})
     run.log_dict(metrics, "metrics.json")
     if embedding_figure:
         partner_keys = {"RNA": SHARED_RNA, partner: shared_key(partner)} if partner else None
-        fig = figures.embeddings(data, spaces={"RNA latent": EMBED_RNA, "shared": SHARED}, partner=partner_keys,
+        spaces = {"RNA latent": EMBED_RNA, "shared": SHARED}
+        if partner == PROT and EMBED_JOINT in data.obsm:
+            spaces = {"RNA latent": EMBED_RNA, "joint RNA+protein VAE": EMBED_JOINT, "shared": SHARED}
+        fig = figures.embeddings(data, spaces=spaces, partner=partner_keys,
                                  seed=seed)
         run.log_figure(fig, "embeddings.png")
         io.write_figure(fig, embedding_figure)

@@ -1,8 +1,8 @@
 """The headline numbers of a dataset, beside their baselines, and a sentence saying what won.
 
 metrics.json (:func:`virtualcell.stages.evaluate`) holds every number; this module picks the
-headlines a reader looks for first: the held-out time points, extrapolation, fates and
-cross-modal retrieval. It writes them as a table (``summary.tsv``, one row per number) and
+headlines a reader looks for first: the held-out time points, extrapolation, fates,
+cross-modal retrieval, protein predicted from RNA and what the joint embedding adds. It writes them as a table (``summary.tsv``, one row per number) and
 as a one-page HTML summary at the top of the Snakemake report, and says where things are when
 the workflow ends.
 """
@@ -19,7 +19,8 @@ import pandas as pd
 
 W1 = "w1_pca5"
 LABELS = {"ot_interp": "OT interpolation", "copy_last": "copying the last time point", "oracle": "oracle",
-          "no_dynamics": "no dynamics (the nearest late cells' fate)", "cca": "CCA"}
+          "no_dynamics": "no dynamics (the nearest late cells' fate)", "cca": "CCA",
+          "knn": "kNN regression in RNA PCA space", "ridge": "ridge regression in RNA PCA space"}
 
 
 def table(metrics: Mapping[str, Any]) -> pd.DataFrame:
@@ -39,6 +40,13 @@ def table(metrics: Mapping[str, Any]) -> pd.DataFrame:
     for pair_name, section in metrics.get("alignment", {}).items():
         rows += [{"section": f"alignment {pair_name}", "metric": d, "method": m, "value": v}
                  for d, by_method in section.items() for m, v in by_method.items()]
+    for what, section in metrics.get("prediction", {}).items():
+        rows += [{"section": f"prediction {what}", "metric": d, "method": m, "value": v}
+                 for d, by_method in section.items() for m, v in by_method.items()]
+    rows += [{"section": "energy of held-out pairs", "metric": "energy", "method": m, "value": v}
+             for m, v in metrics.get("energy", {}).items()]
+    rows += [{"section": "compression (truth recovered from an embedding)", "metric": d, "method": m, "value": v}
+             for d, by_space in metrics.get("compression", {}).items() for m, v in by_space.items()]
     return pd.DataFrame(rows, columns=["section", "metric", "method", "value"])
 
 
@@ -82,6 +90,21 @@ def verdicts(metrics: Mapping[str, Any]) -> list[str]:
         if "foscttm" in section:
             out.append(_versus(f"Cross-modal matching {pair_name} (FOSCTTM)", section["foscttm"], baseline="cca",
                                lower_better=True, unit="FOSCTTM"))
+    for what, section in metrics.get("prediction", {}).items():
+        scores = section.get("pearson_per_protein", {})
+        baselines = {m: v for m, v in scores.items() if m not in ("model", "random")}
+        if "model" in scores and baselines:
+            best = max(baselines, key=baselines.get)
+            out.append(_versus(f"{what.replace('_', ' ')} (mean per-protein Pearson r, best baseline)", scores,
+                               baseline=best, lower_better=False, unit="Pearson r"))
+    compression = metrics.get("compression", {})
+    for key, label in (("knn_fate", "kNN accuracy of the true fate"), ("r2_latent", "R² of the true latent")):
+        spaces = compression.get(key, {})
+        joint = "joint" if "joint" in spaces else "shared"
+        if joint in spaces and "rna" in spaces:
+            won = spaces[joint] > spaces["rna"]
+            out.append(f"Compression, {label}: the {joint} embedding scores {spaces[joint]:.3f} against RNA alone "
+                       f"{spaces['rna']:.3f}: **{'the joint embedding' if won else 'RNA alone'} won**.")
     return [s for s in out if s]
 
 
@@ -94,6 +117,8 @@ def headline_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
         picks |= {f"extrapolation.t{held}.{W1}.{m}": block.get(W1, {}).get(m) for m in ("model", "copy_last")}
     fate = metrics.get("fate", {}).get("pearson_r", {})
     picks |= {f"fate.pearson_r.{m}": fate.get(m) for m in ("model", "no_dynamics")}
+    for what, section in metrics.get("prediction", {}).items():
+        picks |= {f"{what}.pearson_per_protein.{m}": v for m, v in section.get("pearson_per_protein", {}).items()}
     return {k: f"{v:.3f}" for k, v in picks.items() if isinstance(v, int | float)}
 
 

@@ -155,6 +155,11 @@ def get_aligner(wildcards):
     return [rules.align.output.model]
 
 
+def get_predictor(wildcards):
+    """Align's predictor of the partner from RNA, beside the aligner (it takes RNA-only cells to the shared space)."""
+    return [rules.align.output.predictor] if get_aligner(wildcards) else []
+
+
 def simulator_args(wildcards):
     """`--simulator HOLDOUT=PATH` for each simulator evaluate reads (seeds in order)."""
     return " ".join(f"--simulator {h}={p}" for h, paths in get_simulators(wildcards).items() for p in paths)

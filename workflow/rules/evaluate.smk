@@ -24,6 +24,12 @@ rule evaluate:
             category="4. Alignment",
             labels={"dataset": "{dataset}", "figure": "retrieval"},
         ),
+        prediction_figure=report(
+            f"{RESULTS}/{{dataset}}/evaluate/prediction.png",
+            caption="../report/prediction.rst",
+            category="4. Alignment",
+            labels={"dataset": "{dataset}", "figure": "protein from RNA"},
+        ),
         embedding_figure=report(
             f"{RESULTS}/{{dataset}}/evaluate/embeddings.png",
             caption="../report/embeddings.rst",
@@ -49,5 +55,5 @@ rule evaluate:
         "virtualcell evaluate --dataset {wildcards.dataset} --shared {input.shared} --space {params.space}"
         " {params.simulators} {params.decoder} --output {output.metrics} --fates {output.fates} --figure {output.figure}"
         " --fate-figure {output.fate_figure} --embedding-figure {output.embedding_figure}"
-        " --alignment-figure {output.alignment_figure}"
+        " --alignment-figure {output.alignment_figure} --prediction-figure {output.prediction_figure}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

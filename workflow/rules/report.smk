@@ -7,6 +7,7 @@ rule report:
         # what takes expression to the simulator's states and back (as its space needs)
         encoder=get_encoder,
         aligner=get_aligner,
+        predictor=get_predictor,
         decoder=get_decoder,
     output:
         model=f"{RESULTS}/{{dataset}}/report/model.json",
@@ -25,7 +26,7 @@ rule report:
     params:
         cfg=as_json(report_params(config)),
         models=lambda wildcards, input: " ".join(
-            f"--{k} {input[k]}" for k in ("encoder", "aligner", "decoder") if input.get(k)),
+            f"--{k} {input[k]}" for k in ("encoder", "aligner", "predictor", "decoder") if input.get(k)),
     conda:
         "../../envs/evaluate.yaml"
     log:

@@ -1,0 +1,86 @@
+"""Cross-modal prediction: the JEPA-style predictor of one modality from another, and its scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from virtualcell import crossmodal
+from virtualcell.models.contrastive import Aligner
+from virtualcell.models.predictor import CrossModalPredictor
+from virtualcell.train import BadInputError
+
+CPU = "cpu"
+
+
+@pytest.fixture(scope="module")
+def paired_cells():
+    """RNA-like and protein-like features of one latent state; the aligner's embeddings of both."""
+    rng = np.random.default_rng(0)
+    n = 600
+    z = rng.normal(size=(n, 3))
+    rna = (z @ rng.normal(size=(3, 10)) + 0.1 * rng.normal(size=(n, 10))).astype(np.float32)
+    prot = (np.tanh(z @ rng.normal(size=(3, 12))) + 0.2 * rng.normal(size=(n, 12))).astype(np.float32)
+    aligner = Aligner({"rna": 10, "prot": 12}, n_shared=8, n_hidden=64)
+    aligner.fit(rna[:450], prot[:450], epochs=20, batch_size=128, lr=3e-3, device=CPU, seed=0)
+    za, zb = aligner.embed("rna", rna), aligner.embed("prot", prot)
+    model = CrossModalPredictor(10, 8, 12, n_hidden=64)
+    model.fit(rna[:450], za[:450], zb[:450], prot[:450], validation=(rna[450:500], za[450:500], zb[450:500],
+                                                                      prot[450:500]),
+              epochs=40, batch_size=128, lr=3e-3, device=CPU, seed=0)
+    return {"rna": rna, "prot": prot, "za": za, "zb": zb, "model": model, "test": slice(500, None)}
+
+
+def test_protein_predicted_from_rna_alone_tracks_the_measured_protein(paired_cells):
+    c, test = paired_cells, paired_cells["test"]
+    model = c["model"]
+    assert model.history[-1]["val_prediction_mse"] < 0.5 * model.history[0]["val_prediction_mse"]
+    predicted = model.predict_values(c["rna"][test], c["za"][test])
+    r = crossmodal.pearson_per_feature(predicted, c["prot"][test])
+    assert predicted.shape == c["prot"][test].shape and np.nanmean(r) > 0.8
+    # the predicted embedding lies on the shared space's sphere, near the cell's measured one
+    z_hat = model.predict_embedding(c["rna"][test], c["za"][test])
+    np.testing.assert_allclose(np.linalg.norm(z_hat, axis=1), 1, rtol=1e-5)
+    # a cell's own pair has a far lower energy than a mismatched one
+    energy = model.energy(c["rna"][test], c["za"][test], c["zb"][test])
+    shuffled = model.energy(c["rna"][test], c["za"][test], c["zb"][test][::-1])
+    assert energy.mean() < 0.3 * shuffled.mean()
+
+
+def test_predictor_save_load_gives_the_same_predictions(paired_cells, tmp_path):
+    c, test = paired_cells, paired_cells["test"]
+    c["model"].save(tmp_path / "predictor.pt")
+    loaded = CrossModalPredictor.load(tmp_path / "predictor.pt")
+    np.testing.assert_allclose(loaded.predict_values(c["rna"][test], c["za"][test]),
+                               c["model"].predict_values(c["rna"][test], c["za"][test]), rtol=1e-5, atol=1e-6)
+
+
+def test_predictor_rejects_unpaired_or_misshapen_input(paired_cells):
+    c = paired_cells
+    with pytest.raises(BadInputError, match="paired row by row"):
+        c["model"].predict_embedding(c["rna"][:10], c["za"][:9])
+    with pytest.raises(BadInputError, match="columns but the model was built for"):
+        c["model"].predict_embedding(c["rna"][:10, :5], c["za"][:10])
+
+
+def test_pearson_scores_match_scipy():
+    rng = np.random.default_rng(1)
+    pred, true = rng.normal(size=(50, 4)), rng.normal(size=(50, 4))
+    expected = [scipy.stats.pearsonr(pred[:, j], true[:, j])[0] for j in range(4)]
+    np.testing.assert_allclose(crossmodal.pearson_per_feature(pred, true), expected)
+    np.testing.assert_allclose(crossmodal.pearson_per_cell(pred, true)[3], scipy.stats.pearsonr(pred[3], true[3])[0])
+    # a constant column has no correlation (NaN), not a division warning
+    pred[:, 0] = 1.0
+    assert np.isnan(crossmodal.pearson_per_feature(pred, true)[0])
+
+
+def test_baselines_recover_a_linear_map_and_random_does_not():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(400, 6))
+    y = x @ rng.normal(size=(6, 5)) + 0.1 * rng.normal(size=(400, 5))
+    for predict in (crossmodal.ridge_predict, crossmodal.knn_predict):
+        r = crossmodal.pearson_per_feature(predict(x[:300], y[:300], x[300:]), y[300:])
+        assert np.mean(r) > 0.8, predict
+    r = crossmodal.pearson_per_feature(crossmodal.cca_predict(x[:300], y[:300], x[300:], n_components=5), y[300:])
+    assert np.mean(r) > 0.8
