@@ -145,7 +145,8 @@ class VirtualCell:
                  "shared": ["encoder", "aligner", "predictor", "decoder"]}
         missing = [n for n in ["simulator", *needs[self.space]] if getattr(self, n) is None]
         if missing:
-            raise InputError(f"{self.directory}: the bundle lacks its {', '.join(missing)}; rerun the report step")
+            raise InputError(f"{self.directory}: the bundle lacks its {', '.join(missing)}; rerun the report step "
+                             "(snakemake --forcerun report), which bundles them from embed, align and decode")
         self._classifier = None
 
     # -- input ---------------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def verdicts(metrics: Mapping[str, Any]) -> list[str]:
         baselines = {m: v for m, v in scores.items() if m not in ("model", "random")}
         if "model" in scores and baselines:
             best = max(baselines, key=baselines.get)
-            out.append(_versus(f"{what.replace('_', ' ')} (mean per-protein Pearson r, best baseline)", scores,
+            label = what.replace("_", " ").replace("rna", "RNA").capitalize().replace("rna", "RNA")
+            out.append(_versus(f"{label} (mean per-protein Pearson r, best baseline)", scores,
                                baseline=best, lower_better=False, unit="Pearson r"))
     compression = metrics.get("compression", {})
     for key, label in (("knn_fate", "kNN accuracy of the true fate"), ("r2_latent", "R² of the true latent")):
