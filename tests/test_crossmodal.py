@@ -48,6 +48,20 @@ def test_protein_predicted_from_rna_alone_tracks_the_measured_protein(paired_cel
     assert energy.mean() < 0.3 * shuffled.mean()
 
 
+def test_predictor_keeps_the_weights_of_its_best_validation_epoch(paired_cells):
+    """Early stopping in effect: the weights kept score the lowest val_prediction_mse of the history."""
+    import torch
+
+    c, model = paired_cells, paired_cells["model"]
+    val = slice(450, 500)
+    best = min(h["val_prediction_mse"] for h in model.history)
+    assert model.history[model.best_epoch]["val_prediction_mse"] == best
+    model.module.eval()
+    with torch.no_grad():
+        arrays = [torch.as_tensor(c[k][val]) for k in ("rna", "za", "zb", "prot")]
+        assert float(model.module.loss(*arrays)["prediction_mse"]) == pytest.approx(best, rel=1e-4)
+
+
 def test_predictor_save_load_gives_the_same_predictions(paired_cells, tmp_path):
     c, test = paired_cells, paired_cells["test"]
     c["model"].save(tmp_path / "predictor.pt")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,7 +134,8 @@ class CrossModalPredictor(BaseModel):
         """Train on paired cells: ``source`` features, both shared embeddings, the target's values.
 
         ``validation`` is the same four arrays for held-out cells; ``val_prediction_mse`` is then
-        the error of the target predicted from the source alone (standardised units).
+        the error of the target predicted from the source alone (standardised units), and the model
+        keeps the weights of the epoch where it was lowest (``best_epoch``).
         """
         arrays = self._arrays(source, z_source, z_target, target)
         self._prepare_fit(seed)
@@ -152,9 +154,25 @@ class CrossModalPredictor(BaseModel):
             def val_fn(module: LatentPredictor) -> dict[str, float]:
                 return {k: float(v) for k, v in module.loss(*val).items()}
 
-        return self._train(batches, epochs=epochs, lr=lr, weight_decay=weight_decay, device=dev, seed=seed,
-                           on_epoch=on_epoch, val_fn=val_fn, checkpoint_path=checkpoint_path,
-                           checkpoint_every=checkpoint_every)
+        # Early stopping in effect: with validation cells the weights kept are those of the epoch whose
+        # val_prediction_mse was lowest. On a few hundred real cells the predictor overfits within
+        # tens of epochs (real CITE-seq config: per-protein r 0.33 after 20 epochs, 0.20 after 100).
+        best: dict[str, Any] = {"mse": float("inf"), "state": None, "epoch": None}
+
+        def keep_best(epoch: int, metrics: dict[str, float]) -> None:
+            if "val_prediction_mse" in metrics and metrics["val_prediction_mse"] < best["mse"]:
+                best.update(mse=metrics["val_prediction_mse"], epoch=epoch,
+                            state={k: v.detach().clone() for k, v in self.module.state_dict().items()})
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+
+        history = self._train(batches, epochs=epochs, lr=lr, weight_decay=weight_decay, device=dev, seed=seed,
+                              on_epoch=keep_best, val_fn=val_fn, checkpoint_path=checkpoint_path,
+                              checkpoint_every=checkpoint_every)
+        if best["state"] is not None:
+            self.module.load_state_dict(best["state"])
+            self.best_epoch = best["epoch"]
+        return history
 
     def _apply(self, fn, *arrays: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         self._require_fitted("predict")
