@@ -56,9 +56,9 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
             f"{'raw counts' if cell.values == 'counts' else cell.values + ' values'}) in, with params "
             f"horizon and t_start (times {cell.times.tolist()}); out: "
             f"simulated log-normalised expression of {len(cell.output_genes)} genes, the state z0..z"
-            f"{cell.meta['state_dim'] - 1} ({cell.space} space) and p_<fate> for fates {cell.fate_names}"
+            f"{cell.meta['state_dim'] - 1} ({cell.space} space) and p_{{fate}} for fates {cell.fate_names}"
             + (f"; and the cells' {len(cell.partner_features)} proteins now, predicted from their RNA alone "
-               f"({cellmodel.PARTNER_PREFIX}<protein>)." if cell.partner_features else "."))
+               f"({cellmodel.PARTNER_PREFIX}{{protein}})." if cell.partner_features else "."))
         judged = (f" Judged on held-out time points: mean W1 (pca5) model "
                   f"{mean.get('w1_pca5', {}).get('model', float('nan')):.3f} vs OT interpolation "
                   f"{mean.get('w1_pca5', {}).get('ot_interp', float('nan')):.3f}.")

@@ -119,7 +119,8 @@ def headline_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
     fate = metrics.get("fate", {}).get("pearson_r", {})
     picks |= {f"fate.pearson_r.{m}": fate.get(m) for m in ("model", "no_dynamics")}
     for what, section in metrics.get("prediction", {}).items():
-        picks |= {f"{what}.pearson_per_protein.{m}": v for m, v in section.get("pearson_per_protein", {}).items()}
+        scores = section.get("pearson_per_protein", {})
+        picks |= {f"{what}.pearson_per_protein.{m}": scores.get(m) for m in ("model", "knn", "ridge")}
     return {k: f"{v:.3f}" for k, v in picks.items() if isinstance(v, int | float)}
 
 
