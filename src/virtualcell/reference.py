@@ -65,6 +65,16 @@ def fit(log_expression: Any, genes: list[str] | np.ndarray, *, n_components: int
     }
 
 
+def leading(ref: Mapping[str, Any], n_components: int = N_COMPONENTS) -> dict[str, Any]:
+    """The projection onto the first ``n_components`` of a wider fit (with the full SVD they are the
+    same components a fit of ``n_components`` finds), so one fit serves pca5 and a wider PCA."""
+    k = int(min(n_components, len(ref["scale"])))
+    out = dict(ref)
+    for key in ("components", "scale", "explained_variance_ratio"):
+        out[key] = np.asarray(ref[key])[:k]
+    return out
+
+
 def project(log_expression: Any, ref: Mapping[str, Any]) -> np.ndarray:
     """Coordinates in the reference space of cells x genes log-normalised expression (same genes)."""
     x = _dense(log_expression)

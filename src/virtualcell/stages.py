@@ -286,11 +286,13 @@ def _reference_space(paired, out: ad.AnnData) -> None:
     rna = paired.mod[io.expression_modality(paired)]
     hvg = rna.var["highly_variable"].to_numpy() if "highly_variable" in rna.var else np.ones(rna.n_vars, bool)
     target_sum = rna.uns.get("normalize_total", {}).get("target_sum")
-    ref = reference.fit(rna.X[:, hvg], rna.var_names[hvg], target_sum=target_sum, values=io.values_of(rna))
+    # One PCA of all cells' RNA serves both spaces: pca5 is its first 5 components, whitened; the
+    # cross-modal baselines read 30, unwhitened (no labels or protein go in, so nothing of a held-out
+    # cell's partner leaks).
+    pcs = reference.fit(rna.X[:, hvg], rna.var_names[hvg], n_components=N_RNA_PCS, target_sum=target_sum,
+                        values=io.values_of(rna))
+    ref = reference.leading(pcs)
     out.obsm[PCA5] = reference.project(rna.X[:, hvg], ref).astype(np.float32)
-    # The baselines' space (scanpy's PCA, as a reviewer would run it), unwhitened; like pca5 it is
-    # fitted on all cells' RNA (no labels, no protein, so nothing of a held-out cell's partner leaks).
-    pcs = reference.fit(rna.X[:, hvg], rna.var_names[hvg], n_components=N_RNA_PCS)
     out.obsm[RNA_PCA] = (reference.project(rna.X[:, hvg], pcs) * pcs["scale"]).astype(np.float32)
     out.uns[reference.KEY] = reference.to_uns(ref) | {"all_genes": np.asarray(rna.var_names, dtype=str)}
     if synthetic.LATENT_KEY in rna.obsm:
@@ -473,6 +475,9 @@ def _predict_partner(out: ad.AnnData, partner: str, *, params: Mapping[str, Any]
     out.obsm[predicted_key(partner)] = model.decode(predicted)
     out.obsm[f"{shared_key(partner)}_predicted"] = predicted
     out.obs[ENERGY] = np.sum((predicted - arrays[2]) ** 2, axis=1)
+    if model.best_epoch is not None:
+        run.log_metrics({"align/predictor.best_epoch": float(model.best_epoch)})
+        say(f"align: the predictor keeps epoch {model.best_epoch} (lowest validation error of protein from RNA)")
     io.atomic_write(path, model.save)
     run.log_artifact(path, artifact_path="models")
 

@@ -78,9 +78,6 @@ class LatentPredictor(nn.Module):
         s = (source - self.source_shift) / self.source_scale
         return F.normalize(self.predictor(torch.cat([s, z_source], dim=1)), dim=1)
 
-    def decode_standardised(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Target values (real units) from a shared embedding."""
         return self.decoder(z) * self.target_scale + self.target_shift
@@ -114,6 +111,7 @@ class CrossModalPredictor(BaseModel):
 
     def __init__(self, n_source: int, n_shared: int, n_target: int, **module_kwargs) -> None:
         super().__init__(n_source=int(n_source), n_shared=int(n_shared), n_target=int(n_target), **module_kwargs)
+        self.best_epoch: int | None = None  # set by fit with validation cells
 
     def _arrays(self, source, z_source, z_target=None, target=None, suffix: str = "") -> list[np.ndarray]:
         k = self.init_kwargs
