@@ -1,4 +1,4 @@
-# virtualcell: ingest -> qc -> pair -> embed -> align -> simulate -> evaluate -> report.
+# virtualcell: ingest -> qc -> pair -> embed -> align -> simulate -> evaluate -> report; qc -> perturb -> evaluate.
 # The logic lives in src/virtualcell; rules are thin. See README.md and config/README.md.
 from snakemake.utils import min_version
 
@@ -18,6 +18,7 @@ include: "workflow/rules/pair.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/align.smk"
 include: "workflow/rules/simulate.smk"
+include: "workflow/rules/perturb.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

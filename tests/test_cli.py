@@ -20,9 +20,10 @@ def test_help_lists_every_step_of_the_dag_and_predict():
     done = subprocess.run([sys.executable, "-m", "virtualcell.cli", "--help"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0
-    for step in ("ingest", "qc", "pair", "embed", "align", "simulate", "decode", "evaluate", "report", "predict"):
+    for step in ("ingest", "qc", "pair", "embed", "align", "simulate", "decode", "perturb", "evaluate", "report",
+                 "predict"):
         assert step in done.stdout
-    assert set(_subcommands()) == {"ingest", "qc", "pair", "embed", "align", "simulate", "decode", "evaluate",
+    assert set(_subcommands()) == {"ingest", "qc", "pair", "embed", "align", "simulate", "decode", "perturb", "evaluate",
                                    "report", "predict"}
 
 

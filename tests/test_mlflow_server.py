@@ -17,7 +17,8 @@ from tests.services import clean_env, mlflow_server
 from virtualcell import tracking
 
 pytestmark = pytest.mark.workflow
-JOBS = ["ingest", "qc", "pair", "embed", "align", "decode", "simulate", "simulate", "simulate", "evaluate", "report"]
+JOBS = ["ingest", "qc", "pair", "embed", "align", "decode", "simulate", "simulate", "simulate", "perturb", "perturb",
+        "perturb", "evaluate", "report"]
 EXPERIMENT = "virtualcell-test"
 
 

@@ -24,7 +24,8 @@ from tests.conftest import REPO
 from virtualcell import tracking
 
 pytestmark = pytest.mark.workflow
-JOBS = ["ingest", "qc", "pair", "embed", "align", "decode", "simulate", "simulate", "simulate", "evaluate", "report"]
+JOBS = ["ingest", "qc", "pair", "embed", "align", "decode", "simulate", "simulate", "simulate", "perturb", "perturb",
+        "perturb", "evaluate", "report"]
 
 
 def snakemake(workdir: Path, *args: str, extra_configs=(), check=True) -> subprocess.CompletedProcess:
@@ -115,6 +116,34 @@ def test_outputs_and_metrics(workflow_run):
                    "simulate/last/seed0/trajectories.png", "simulate/none/seed0/trajectories.png",
                    "evaluate/evaluation.png", "evaluate/fates.png"]:
         assert (results / figure).stat().st_size > 1000, figure
+
+
+def test_held_out_conditions_are_predicted_beside_their_baselines(workflow_run):
+    from virtualcell.perturbation_metrics import METRICS
+    from virtualcell.synthetic_conditions import planned
+
+    results = workflow_run / "results" / "synthetic"
+    section = json.loads((results / "evaluate" / "metrics.json").read_text())["perturbation"]
+    _, held = planned({"n_genes": 120, "seed": 0})
+    assert set(section["conditions"]) == set(held) and set(section["mean"]) <= set(METRICS)
+    combination = next(h for h in held if "+" in h)
+    for name, scores in section["conditions"].items():
+        expected = {"model", "control", "mean_perturbed", "linear", "ceiling"} | (
+            {"additive"} if name == combination else set())
+        for metric in ("edist_pca5", "w1_pca5", "mmd_pca5", "pearson_delta_all", "pearson_delta_top20",
+                       "pearson_delta_centroid", "mse_top20", "discrimination"):
+            assert set(scores[metric]) == expected, (name, metric)
+        # half of the real cells predicts the other half better than no change at all
+        assert scores["pearson_delta_top20"]["ceiling"] > scores["pearson_delta_top20"]["control"]
+        assert (results / "perturb" / name / "response.png").stat().st_size > 20_000
+        assert section["fate"][name]["true"] and set(section["fate_error"][name]) >= expected - {"additive"}
+    # the combination of two seen knock-downs: the model moves the right genes the right way
+    assert section["conditions"][combination]["pearson_delta_top20"]["model"] > 0.5
+    cells = ad.read_h5ad(results / "perturb" / combination / "predicted.h5ad")
+    assert cells.uns["perturbation"]["condition"] == combination and cells.n_obs > 10
+    # the time course is the control's: no perturbed cell reached the shared space
+    shared = ad.read_h5ad(results / "align" / "shared.h5ad")
+    assert (shared.obs["condition"].astype(str) == "control").all()
 
 
 def test_mlflow_has_a_parent_run_and_a_finished_child_run_per_job(workflow_run, client):

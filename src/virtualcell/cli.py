@@ -24,7 +24,7 @@ from virtualcell.errors import InputError
 # The workflow passes config `checkpoint_every` this way, not as a rule param: how often a
 # job saves a checkpoint does not change its result, so changing it must not rerun jobs.
 ENV_CHECKPOINT_EVERY = "VIRTUALCELL_CHECKPOINT_EVERY"
-TRAINING_STAGES = ("embed", "align", "simulate", "decode")
+TRAINING_STAGES = ("embed", "align", "simulate", "decode", "perturb")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -100,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--input", help="qc's .h5mu")
     _add(p, "--output", help="pairs/paired.h5mu: the cells measured in every modality (spots with their patches)")
     _add(p, "--split", help="pairs/split.tsv: each cell's train/val/test split")
+    _add(p, "--control", required=False, default=None,
+         help="the control label of obs condition: only control cells go on to the time course")
+
+    p = stage("perturb", "train the perturbation model without one condition and score its prediction of it")
+    _add(p, "--dataset", help=DATASET)
+    _add(p, "--input", help="qc's .h5mu (every condition's cells)")
+    _add(p, "--condition", help="the condition held out whole")
+    _add(p, "--control", help="the control label of obs condition")
+    _add(p, "--min-cells", type=int, default=20, required=False, help="fewest cells a condition may have")
+    _add(p, "--output", help="perturb/<condition>/metrics.json: the model and every baseline's scores")
+    _add(p, "--model", help="perturb/<condition>/model.pt to write")
+    _add(p, "--cells", help="perturb/<condition>/predicted.h5ad: the model's predicted cells (log expression)")
+    _add(p, "--figure", help="the response figure (.png)")
 
     p = stage("embed", "train the RNA and joint RNA+protein count encoders")
     _add(p, "--dataset", help=DATASET)
@@ -151,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="retrieval curves and cross-modal similarity of held-out cells (.png)")
     _add(p, "--prediction-figure", required=False, default=None,
          help="protein predicted from RNA alone vs measured, per protein, against the baselines (.png)")
+    _add(p, "--perturbation", action="append", required=False, default=[], metavar="PATH",
+         help="a perturb job's metrics.json (repeat per held-out condition): metrics.json's perturbation section")
 
     p = stage("report", "log the virtual cell (genes in, genes out) and register it in the MLflow model registry")
     _add(p, "--dataset", help=DATASET)
@@ -234,7 +249,16 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
     if args.stage == "pair":
         return ("pair", [args.input], [args.output, args.split], wildcards,
                 lambda p, run: stages.pair(input=args.input, output=args.output, split=args.split, params=p,
-                                           run=run))
+                                           run=run, control=args.control))
+    if args.stage == "perturb":
+        from virtualcell import perturbation
+
+        return ("perturb", [args.input], [args.output, args.model, args.cells, args.figure],
+                wildcards | {"condition": args.condition},
+                lambda p, run: perturbation.perturb(input=args.input, condition=args.condition,
+                                                    control=args.control, output=args.output, model=args.model,
+                                                    cells=args.cells, figure=args.figure, params=p, device=device,
+                                                    run=run, min_cells=args.min_cells))
     if args.stage == "embed":
         return ("embed", [args.input], [args.output, args.rna_model, args.joint_model, args.figure], wildcards,
                 lambda p, run: stages.embed(input=args.input, output=args.output, rna_model=args.rna_model,
@@ -266,14 +290,16 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
             simulators.setdefault(holdout, []).append(path)
         outputs = [f for f in (args.output, args.fates, args.figure, args.fate_figure, args.embedding_figure,
                                     args.alignment_figure, args.prediction_figure) if f]
-        inputs = [args.shared, *(p for paths in simulators.values() for p in paths), *filter(None, [args.decoder])]
+        inputs = [args.shared, *(p for paths in simulators.values() for p in paths), *filter(None, [args.decoder]),
+                  *args.perturbation]
         return ("evaluate", inputs, outputs, wildcards,
                 lambda p, run: stages.evaluate(shared=args.shared, simulators=simulators, output=args.output,
                                                figure=args.figure, dataset=args.dataset, params=p, run=run,
                                                space=args.space, fates=args.fates, fate_figure=args.fate_figure,
                                                decoder=args.decoder, embedding_figure=args.embedding_figure,
                                                alignment_figure=args.alignment_figure,
-                                               prediction_figure=args.prediction_figure))
+                                               prediction_figure=args.prediction_figure,
+                                               perturbations=args.perturbation))
     if args.stage == "report":
         from virtualcell import report
 

@@ -314,3 +314,62 @@ def placeholder(text: str):
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center")
     return fig
+
+
+def perturbation(data, predicted: Mapping[str, np.ndarray], half_b: np.ndarray, truth, metrics: Mapping,
+                 fate: Mapping | None, *, condition: str):
+    """A held-out condition: real and predicted cells in pca5, predicted vs real change per gene, the
+    methods' Pearson delta on the top-20 DE genes and energy distance, and the fate proportions."""
+    from virtualcell import reference
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.3))
+    ctrl = data.cells(data.control)
+    zc = reference.project(data.x[ctrl], data.pca5)
+    ax = axes[0]
+    ax.scatter(zc[:, 0], zc[:, 1], s=3, c="0.8", label=f"control ({len(ctrl)})", rasterized=True)
+    for name, colour in (("model", "tab:orange"), ("real", "tab:blue")):
+        x = data.x[half_b] if name == "real" else predicted[name]
+        z = reference.project(x, data.pca5)
+        ax.scatter(z[:, 0], z[:, 1], s=6, c=colour, alpha=0.7, label=f"{name} ({len(z)})", rasterized=True)
+    ax.set(title=f"{condition}: cells in pca5", xlabel="PC1", ylabel="PC2")
+    ax.legend(fontsize=7, markerscale=2)
+
+    ax = axes[1]
+    delta = predicted["model"].mean(0) - truth.control_mean
+    ax.scatter(truth.delta, delta, s=5, c="0.5", label="all genes")
+    ax.scatter(truth.delta[truth.top], delta[truth.top], s=14, c="tab:red", label="top-20 DE")
+    lim = float(np.max(np.abs(np.concatenate([truth.delta, delta])))) * 1.05 or 1.0
+    ax.plot([-lim, lim], [-lim, lim], c="k", lw=0.6)
+    ax.set(title="change from control (log expression)", xlabel="real", ylabel="model")
+    ax.legend(fontsize=7)
+
+    ax = axes[2]
+    methods = list(metrics["pearson_delta_top20"])
+    r = [metrics["pearson_delta_top20"][m] for m in methods]
+    e = [metrics["edist_pca5"].get(m, np.nan) for m in methods]
+    pos = np.arange(len(methods))
+    ax.bar(pos - 0.2, r, 0.4, label="Pearson delta, top-20 DE (higher better)", color="tab:green")
+    ax2 = ax.twinx()
+    ax2.bar(pos + 0.2, e, 0.4, label="energy distance, pca5 (lower better)", color="tab:purple")
+    ax.set_xticks(pos, methods, rotation=30, ha="right", fontsize=8)
+    ax.set(title="model and baselines", ylim=(min(0.0, min(r)) - 0.05, 1.05))
+    ax.legend(loc="upper left", fontsize=7)
+    ax2.legend(loc="upper right", fontsize=7)
+
+    ax = axes[3]
+    if fate:
+        shown = [m for m in ("true", "observed", "model", "control", "linear", "additive", "ceiling") if m in fate]
+        fates = list(fate[shown[0]])
+        bottom = np.zeros(len(shown))
+        for f in fates:
+            values = np.array([fate[m].get(f, 0.0) for m in shown])
+            ax.bar(shown, values, bottom=bottom, label=f)
+            bottom += values
+        ax.set(title="fate proportions at the last time point", ylim=(0, 1))
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(fontsize=7)
+    else:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -115,6 +115,11 @@ def read_h5mu(path: str | Path) -> md.MuData:
     return _read_container(path, H5MU, md.read_h5mu)
 
 
+def read_json(path: str | Path) -> dict[str, Any]:
+    with open(path) as handle:
+        return json.load(handle)
+
+
 def read_h5ad(path: str | Path) -> ad.AnnData:
     return _read_container(path, H5AD, ad.read_h5ad)
 
@@ -231,6 +236,8 @@ def read_dataset(name: str, spec: Mapping[str, Any]) -> md.MuData:
 
         mdata = generate(**spec.get("generator", {}))
         spec = {"time_key": "time", "batch_key": "batch", "celltype_key": "fate", **spec}
+        if spec.get("generator", {}).get("cells_per_condition") and not spec.get("condition_key"):
+            spec["condition_key"] = "condition"
         if RNA not in (spec.get("modalities") or mdata.mod):
             # The generator's section alone: its spots carry no time, batch or fate, but a true niche.
             spec = {**spec, "time_key": None, "batch_key": None, "celltype_key": "niche"}

@@ -187,8 +187,18 @@ def ingest(*, dataset: str, spec: Mapping[str, Any], output: str, run: JobRun) -
     origin = spec.get("path") or f"synthetic dataset {dataset}"
     expression = io.expression_modality(mdata)
     paired = paired_cells(mdata, origin=origin)
-    if "time" in mdata.mod[expression].obs:
-        times = observed_times(mdata.mod[expression].obs, origin=origin)
+    obs = mdata.mod[expression].obs
+    if "condition" in obs:
+        from virtualcell.perturbation import check_conditions, holdout_conditions
+
+        control = spec.get("control", "control")
+        check_conditions(obs, control=control, holdouts=holdout_conditions(dataset, spec),
+                         min_cells=spec.get("min_cells_per_condition", 20),
+                         origin=f"{origin} (config datasets.{dataset})")
+        # The time course is the control cells' (pair keeps only them).
+        obs = obs[obs["condition"].astype(str).to_numpy() == control]
+    if "time" in obs:
+        times = observed_times(obs, origin=origin)
         check_holdouts(spec.get("holdouts", "auto"), times, origin=f"{origin} (config datasets.{dataset}.holdouts)")
     summary: dict[str, float] = {"cells": int(mdata.n_obs)}
     for name, adata in mdata.mod.items():
@@ -237,10 +247,22 @@ def qc(*, input: str, output: str, summary: str, figures: str, params: Mapping[s
             f"{part['features_in']} features; {how}")
 
 
-def pair(*, input: str, output: str, split: str, params: Mapping[str, Any], run: JobRun) -> None:
+def pair(*, input: str, output: str, split: str, params: Mapping[str, Any], run: JobRun,
+         control: str | None = None) -> None:
     from virtualcell.pairing import pair as pair_cells
 
     mdata = io.read_h5mu(input)
+    rna = mdata.mod[io.expression_modality(mdata)]
+    if "condition" in rna.obs:
+        # The time course is the control's: perturbed cells are the perturb stage's (from QC's output).
+        if control is None:
+            raise InputError(f"{input}: cells carry conditions; pass --control (the control label) so that only "
+                             "control cells go on to the time course")
+        keep = rna.obs_names[rna.obs["condition"].astype(str).to_numpy() == control]
+        say(f"pair: {len(keep)} control cells go on to the time course; the other {rna.n_obs - len(keep)} "
+            "(perturbed) are the perturb stage's")
+        run.log_metrics({"pair/perturbed_cells_set_aside": rna.n_obs - len(keep)})
+        mdata = mdata[mdata.obs_names.isin(keep) | ~mdata.obs_names.isin(rna.obs_names)].copy()
     paired = pair_cells(mdata, origin=input, **params)
     counts = paired.obs["split"].value_counts()
     run.log_metrics({f"pair/{s}_cells": int(n) for s, n in counts.items()} | {"pair/cells": paired.n_obs})
@@ -608,7 +630,8 @@ def decode(*, input: str, expression: str, output: str, params: Mapping[str, Any
 def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: str, figure: str, dataset: str,
              params: Mapping[str, Any], run: JobRun, space: str = "embedding", fates: str | None = None,
              fate_figure: str | None = None, decoder: str | None = None, embedding_figure: str | None = None,
-             alignment_figure: str | None = None, prediction_figure: str | None = None) -> None:
+             alignment_figure: str | None = None, prediction_figure: str | None = None,
+             perturbations: Sequence[str] = ()) -> None:
     """metrics.json: retrieval against CCA, protein from RNA (:mod:`virtualcell.crossmodal`), simulation against baselines in pca5, fates against the truth;
     the figures of these, of cross-modal matching (``alignment_figure``) and (``embedding_figure``)
     UMAPs of the embeddings.
@@ -664,6 +687,10 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
                 run.log_figure(fig, "fates.png")
                 io.write_figure(fig, fate_figure)
                 fate_figure = None
+    if perturbations:
+        from virtualcell.perturbation import gather
+
+        metrics["perturbation"] = gather(perturbations)
     # The rule declares both files: without fates (evaluate.fate_rollouts: 0, no time points) they
     # still exist, empty and saying why, so Snakemake finds its outputs.
     if fates:
@@ -702,5 +729,6 @@ def _flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, flo
         if isinstance(v, Mapping):
             flat.update(_flat_metrics(v, name))
         elif isinstance(v, int | float) and not isinstance(v, bool):
-            flat[name.replace("-", "_")] = float(v)
+            # MLflow keys take letters, digits, _ - . / and spaces: a combination's '+' becomes '_plus_'.
+            flat[name.replace("-", "_").replace("+", "_plus_")] = float(v)
     return flat

@@ -2,7 +2,8 @@
 
 metrics.json (:func:`virtualcell.stages.evaluate`) holds every number; this module picks the
 headlines a reader looks for first: the held-out time points, extrapolation, fates,
-cross-modal retrieval, protein predicted from RNA and what the joint embedding adds. It writes them as a table (``summary.tsv``, one row per number) and
+cross-modal retrieval, protein predicted from RNA, what the joint embedding adds and the held-out
+perturbations. It writes them as a table (``summary.tsv``, one row per number) and
 as a one-page HTML summary at the top of the Snakemake report, and says where things are when
 the workflow ends.
 """
@@ -20,7 +21,9 @@ import pandas as pd
 W1 = "w1_pca5"
 LABELS = {"ot_interp": "OT interpolation", "copy_last": "copying the last time point", "oracle": "oracle",
           "no_dynamics": "no dynamics (the nearest late cells' fate)", "cca": "CCA",
-          "knn": "kNN regression in RNA PCA space", "ridge": "ridge regression in RNA PCA space"}
+          "knn": "kNN regression in RNA PCA space", "ridge": "ridge regression in RNA PCA space",
+          "ceiling": "split-half ceiling", "linear": "the linear PCA-ridge model", "additive": "the additive model",
+          "mean_perturbed": "the mean of the training perturbations", "control": "no change (control)"}
 
 
 def table(metrics: Mapping[str, Any]) -> pd.DataFrame:
@@ -47,6 +50,9 @@ def table(metrics: Mapping[str, Any]) -> pd.DataFrame:
              for m, v in metrics.get("energy", {}).items()]
     rows += [{"section": "compression (truth recovered from an embedding)", "metric": d, "method": m, "value": v}
              for d, by_space in metrics.get("compression", {}).items() for m, v in by_space.items()]
+    for name, scores in metrics.get("perturbation", {}).get("conditions", {}).items():
+        rows += [{"section": f"perturbation {name} (held out)", "metric": d, "method": m, "value": v}
+                 for d, by_method in scores.items() for m, v in by_method.items()]
     return pd.DataFrame(rows, columns=["section", "metric", "method", "value"])
 
 
@@ -61,7 +67,8 @@ def _versus(name: str, scores: Mapping[str, float], *, baseline: str, lower_bett
     text = (f"{name}: the model scores {model:.3f} against {label} {base:.3f}{ratio} "
             f"({unit}, {'lower' if lower_better else 'higher'} is better)")
     if floor and floor in scores:
-        text += f"; the {LABELS.get(floor, floor)} (the best possible) is {scores[floor]:.3f}"
+        what = "half the real cells against the other half" if floor == "ceiling" else "the best possible"
+        text += f"; the {LABELS.get(floor, floor)} ({what}) is {scores[floor]:.3f}"
     return text + (": **the model won**." if won else f": **{label} won**.")
 
 
@@ -106,6 +113,15 @@ def verdicts(metrics: Mapping[str, Any]) -> list[str]:
             won = spaces[joint] > spaces["rna"]
             out.append(f"Compression, {label}: the {joint} embedding scores {spaces[joint]:.3f} against RNA alone "
                        f"{spaces['rna']:.3f}: **{'the joint embedding' if won else 'RNA alone'} won**.")
+    for name, scores in metrics.get("perturbation", {}).get("conditions", {}).items():
+        for key, lower, unit in (("pearson_delta_top20", False, "Pearson delta, top-20 DE genes"),
+                                 ("edist_pca5", True, "energy distance in pca5")):
+            by_method = scores.get(key, {})
+            baselines = {m: v for m, v in by_method.items() if m not in ("model", "ceiling")}
+            if "model" in by_method and baselines:
+                best = (min if lower else max)(baselines, key=baselines.get)
+                out.append(_versus(f"Held-out condition {name} ({unit}, best baseline)", by_method, baseline=best,
+                                   lower_better=lower, unit=unit, floor="ceiling"))
     return [s for s in out if s]
 
 

@@ -186,13 +186,16 @@ PIXEL_NOISE_SD = 0.025
 # --------------------------------------------------------------------------- landscape
 
 
-def potential(xy: np.ndarray) -> np.ndarray:
+def potential(xy: np.ndarray, *, depths: np.ndarray = WELL_DEPTHS, tilt_x: float = 0.0) -> np.ndarray:
     """Evaluate the true landscape ``V``.
 
     Parameters
     ----------
     xy
         Latent positions, shape ``(..., 2)``.
+    depths, tilt_x
+        The well depths ``A_k`` and an extra tilt ``+ tilt_x * x`` (a perturbation's landscape,
+        :mod:`virtualcell.synthetic_conditions`); the defaults are the control landscape.
 
     Returns
     -------
@@ -201,19 +204,21 @@ def potential(xy: np.ndarray) -> np.ndarray:
     xy = np.asarray(xy, dtype=np.float64)
     x, y = xy[..., 0], xy[..., 1]
     v = 0.5 * CONFINEMENT * ((x - CONFINEMENT_CENTRE[0]) ** 2 + (y - CONFINEMENT_CENTRE[1]) ** 2)
-    v = v - TILT * y
-    for (cx, cy), depth, width in zip(WELL_CENTRES, WELL_DEPTHS, WELL_WIDTHS, strict=True):
+    v = v - TILT * y + tilt_x * x
+    for (cx, cy), depth, width in zip(WELL_CENTRES, depths, WELL_WIDTHS, strict=True):
         v = v - depth * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2.0 * width**2))
     return v
 
 
-def potential_grad(xy: np.ndarray) -> np.ndarray:
+def potential_grad(xy: np.ndarray, *, depths: np.ndarray = WELL_DEPTHS, tilt_x: float = 0.0) -> np.ndarray:
     """Evaluate the analytic gradient of :func:`potential`.
 
     Parameters
     ----------
     xy
         Latent positions, shape ``(..., 2)``.
+    depths, tilt_x
+        As for :func:`potential`.
 
     Returns
     -------
@@ -221,9 +226,9 @@ def potential_grad(xy: np.ndarray) -> np.ndarray:
     """
     xy = np.asarray(xy, dtype=np.float64)
     x, y = xy[..., 0], xy[..., 1]
-    gx = CONFINEMENT * (x - CONFINEMENT_CENTRE[0])
+    gx = CONFINEMENT * (x - CONFINEMENT_CENTRE[0]) + tilt_x
     gy = CONFINEMENT * (y - CONFINEMENT_CENTRE[1]) - TILT
-    for (cx, cy), depth, width in zip(WELL_CENTRES, WELL_DEPTHS, WELL_WIDTHS, strict=True):
+    for (cx, cy), depth, width in zip(WELL_CENTRES, depths, WELL_WIDTHS, strict=True):
         dx, dy = x - cx, y - cy
         weight = depth / width**2 * np.exp(-(dx**2 + dy**2) / (2.0 * width**2))
         gx = gx + weight * dx
@@ -358,10 +363,14 @@ class _GeneModel:
         library_size: np.ndarray,
         mt_fraction: np.ndarray,
         in_batch_b1: np.ndarray,
+        lfc: np.ndarray | None = None,
     ) -> np.ndarray:
-        """NB means, shape ``(n, G)``: depth times expression share."""
+        """NB means, shape ``(n, G)``: depth times expression share; ``lfc`` (n, G) shifts the log-weights
+        (a knock-down lowers its target's)."""
         logits = self.baseline + _rbf_features(latent) @ self.loadings
         logits = logits + np.outer(in_batch_b1, self.batch_lfc)
+        if lfc is not None:
+            logits = logits + lfc
         logits = LOG_WEIGHT_CAP - np.logaddexp(0.0, LOG_WEIGHT_CAP - logits)
         logits[:, self.is_mt] = -np.inf
         logits -= logits.max(axis=1, keepdims=True)
@@ -455,8 +464,10 @@ def _negative_binomial(mean: np.ndarray, theta: np.ndarray | float, *, rng: np.r
     return rng.poisson(rng.gamma(theta, mean / theta))
 
 
-def _measure_rna(genes: _GeneModel, latent: np.ndarray, *, rng: np.random.Generator):
+def _measure_rna(genes: _GeneModel, latent: np.ndarray, *, rng: np.random.Generator, lfc: np.ndarray | None = None):
     """RNA counts of cells in latent states: depth, batch, damage and NB sampling, in one random stream.
+
+    ``lfc`` (cells x genes) shifts the genes' log-weights (a knock-down's direct effect).
 
     Returns CSR counts (float32), the NB means, the ``low_quality`` flags and the batch-b1 indicator.
     """
@@ -479,7 +490,7 @@ def _measure_rna(genes: _GeneModel, latent: np.ndarray, *, rng: np.random.Genera
     for start in range(0, n_cells, CELL_BLOCK):
         rows = slice(start, start + CELL_BLOCK)
         rates[rows] = genes.rates(latent[rows], library_size=library[rows], mt_fraction=mt_fraction[rows],
-                                  in_batch_b1=in_b1[rows])
+                                  in_batch_b1=in_b1[rows], lfc=None if lfc is None else lfc[rows])
         blocks.append(sp.csr_matrix(_negative_binomial(rates[rows], genes.dispersion, rng=rng)
                                     .astype(np.float32)))
     rna_counts = sp.vstack(blocks, format="csr")
@@ -737,6 +748,7 @@ def generate(
     time_points: Sequence[float] = (0, 1, 2, 3, 4, 5),
     n_spots: int = 400,
     seed: int = 0,
+    cells_per_condition: int = 0,
 ) -> md.MuData:
     """Generate the ground-truth multi-omic, spatial, time-course dataset.
 
@@ -754,6 +766,10 @@ def generate(
         Spatial spots on a square grid.
     seed
         Seed of the only random generator.
+    cells_per_condition
+        When > 0, also cells of 8 knock-downs, 2 drugs and a combination, this many each, beside
+        the ``n_cells`` control cells (:mod:`virtualcell.synthetic_conditions`); the control cells are
+        the same as without them.
 
     Returns
     -------
@@ -763,7 +779,9 @@ def generate(
         ``X``: raw counts (CSR, float32). ``obs``: ``time``, ``fate`` (basin at the last
         time point), ``basin`` (basin when observed), ``low_quality``, ``batch``.
         ``obsm["truth_latent"]``: latent state when observed. ``var``: ``mt``, ``ribo``,
-        ``truth_dispersion``.
+        ``truth_dispersion``. With perturbations, also ``obs["condition"]`` (``control`` or the
+        condition's name) and ``obsm["truth_counterfactual"]`` (the state under control with the
+        same path noise; the cell's own for control cells).
     ``mdata["prot"]``
         Same cells in the same order. ``X``: raw counts (CSR, float32). ``var``:
         ``gene`` (the tied gene), ``truth_scale``, ``truth_ambient``.
@@ -798,24 +816,57 @@ def generate(
         scale * target_rates + np.outer(droplet, ambient), PROTEIN_DISPERSION, rng=rng_prot
     )
 
-    cell_names = pd.Index(_names("cell", n_cells, 5))
+    obs = {
+        TIME_KEY: tp[snaps.time_index],
+        FATE_KEY: fate,
+        BASIN_KEY: basin,
+        LOW_QUALITY_KEY: low_quality,
+        BATCH_KEY: np.asarray(BATCHES)[in_b1.astype(int)],
+    }
+    obsm = {LATENT_KEY: snaps.latent}
+    conditions_truth = None
+    if cells_per_condition > 0:
+        # Their own random stream: the control cells above are the same with or without them.
+        from virtualcell import synthetic_conditions as sc
+
+        rng_cond, rng_cond_rna, rng_cond_prot = sc.condition_streams(seed)
+        conds = sc.conditions(genes, rng=rng_cond)
+        cells = sc.perturbed_cells(genes, conds, cells_per_condition=cells_per_condition, time_points=tp,
+                                   rng=rng_cond)
+        p_counts, p_rates, p_low, p_b1 = _measure_rna(genes, cells.latent, rng=rng_cond_rna, lfc=cells.lfc)
+        n_p = len(cells.latent)
+        p_droplet = np.exp(rng_cond_prot.normal(0.0, 0.3, n_p))
+        p_prot = _negative_binomial(scale * p_rates[:, targets] + np.outer(p_droplet, ambient), PROTEIN_DISPERSION,
+                                    rng=rng_cond_prot)
+        rna_counts = sp.vstack([rna_counts, p_counts], format="csr")
+        prot_counts = np.vstack([prot_counts, p_prot])
+        p_obs = {TIME_KEY: tp[cells.time_index], FATE_KEY: basin_of(cells.final), BASIN_KEY: basin_of(cells.latent),
+                 LOW_QUALITY_KEY: p_low, BATCH_KEY: np.asarray(BATCHES)[p_b1.astype(int)]}
+        obs = {k: np.concatenate([v, p_obs[k]]) for k, v in obs.items()}
+        obs[sc.CONDITION_KEY] = pd.Categorical(
+            np.concatenate([np.full(n_cells, sc.CONTROL, dtype=object), cells.condition]),
+            categories=[c.name for c in conds])
+        obsm[sc.COUNTERFACTUAL_KEY] = np.vstack([snaps.latent, cells.counterfactual])
+        obsm[LATENT_KEY] = np.vstack([snaps.latent, cells.latent])
+        holdouts = set(sc.auto_holdouts(conds))
+        conditions_truth = {
+            c.name: c.as_dict() | {"auto_holdout": c.name in holdouts,
+                                   "fate_proportions": sc.fate_proportions(c, t_end=float(tp[-1]), seed=seed)}
+            for c in conds
+        }
+    obs[FATE_KEY] = pd.Categorical(obs[FATE_KEY], categories=BASINS)
+    obs[BASIN_KEY] = pd.Categorical(obs[BASIN_KEY], categories=BASINS)
+    obs[BATCH_KEY] = pd.Categorical(obs[BATCH_KEY], categories=BATCHES)
+
+    cell_names = pd.Index(_names("cell", len(obs[TIME_KEY]), 5))
     rna = ad.AnnData(
         X=rna_counts,
-        obs=pd.DataFrame(
-            {
-                TIME_KEY: tp[snaps.time_index],
-                FATE_KEY: pd.Categorical(fate, categories=BASINS),
-                BASIN_KEY: pd.Categorical(basin, categories=BASINS),
-                LOW_QUALITY_KEY: low_quality,
-                BATCH_KEY: pd.Categorical(np.asarray(BATCHES)[in_b1.astype(int)], categories=BATCHES),
-            },
-            index=cell_names,
-        ),
+        obs=pd.DataFrame(obs, index=cell_names),
         var=pd.DataFrame(
             {MT_KEY: genes.is_mt, RIBO_KEY: genes.is_ribo, "truth_dispersion": genes.dispersion},
             index=pd.Index(genes.names),
         ),
-        obsm={LATENT_KEY: snaps.latent},
+        obsm=obsm,
     )
     prot = ad.AnnData(
         X=sp.csr_matrix(prot_counts.astype(np.float32)),
@@ -870,6 +921,8 @@ def generate(
     mdata.uns[PARAMS_KEY] = _params(
         seed=seed, n_cells=n_cells, n_genes=n_genes, n_proteins=n_proteins, time_points=tp, n_spots=n_spots
     )
+    if conditions_truth is not None:
+        mdata.uns[PARAMS_KEY] |= {"cells_per_condition": int(cells_per_condition), "conditions": conditions_truth}
     return mdata
 
 

@@ -9,6 +9,7 @@ from virtualcell import tracking
 from virtualcell.cli import ENV_CHECKPOINT_EVERY
 from virtualcell.config import report_params, validate_config
 from virtualcell.errors import InputError
+from virtualcell.perturbation import condition_label, holdout_conditions
 from virtualcell.stages import DECODER_PARAMS, LAST, NO_HOLDOUT, check_holdouts, holdout_label, partner_modality
 from virtualcell.summary import where_things_are
 
@@ -26,6 +27,7 @@ BENCHMARKS = "benchmarks"
 wildcard_constraints:
     dataset="[A-Za-z0-9_-]+",
     holdout="[0-9.]+|none|last",
+    condition="[A-Za-z0-9_.+-]+",
     seed="-?[0-9]+",
 
 # Jobs (local subprocesses, or SLURM jobs that re-read this file) learn where to
@@ -111,6 +113,25 @@ def get_holdouts(dataset):
     return [holdout_label(t) for t in held] + ([LAST] if extrapolate else []) + [NO_HOLDOUT]
 
 
+def get_condition_holdouts(dataset):
+    """{condition label (its path and wildcard): condition name} of the conditions a dataset holds out whole."""
+    spec = config["datasets"][dataset]
+    if not spec.get("condition_key") and not (spec["source"] == "synthetic"
+                                              and spec["generator"].get("cells_per_condition")):
+        return {}
+    try:
+        held = holdout_conditions(dataset, spec)
+    except InputError as exc:
+        raise WorkflowError(str(exc)) from None
+    return {condition_label(name): name for name in held}
+
+
+def get_perturbations(wildcards):
+    """The perturb jobs' metrics evaluate gathers into metrics.json's perturbation section."""
+    return [f"{RESULTS}/{wildcards.dataset}/perturb/{label}/metrics.json"
+            for label in get_condition_holdouts(wildcards.dataset)]
+
+
 def get_seeds():
     """The training seeds of each holdout's simulators: simulate.seed, +1, ... (evaluate.seeds of them)."""
     return [config["simulate"]["seed"] + i for i in range(config["evaluate"]["seeds"])]
@@ -120,6 +141,7 @@ for _dataset in config["datasets"]:
     # A held-out time point that is not interior, or modalities without an expression one, fail at
     # start, not in a job.
     get_holdouts(_dataset)
+    get_condition_holdouts(_dataset)
     try:
         alignment_partner(_dataset)
     except InputError as exc:
@@ -170,7 +192,7 @@ def get_final_outputs():
     model when there is a simulator, else the embeddings."""
     outputs = []
     for dataset in config["datasets"]:
-        if alignment_partner(dataset) or has_time(dataset):
+        if alignment_partner(dataset) or has_time(dataset) or get_condition_holdouts(dataset):
             outputs.append(f"{RESULTS}/{dataset}/evaluate/metrics.json")
         else:
             outputs.append(f"{RESULTS}/{dataset}/embed/embeddings.h5ad")

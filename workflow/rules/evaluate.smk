@@ -3,6 +3,7 @@ rule evaluate:
         shared=get_state,
         simulators=lambda wc: [p for paths in get_simulators(wc).values() for p in paths],
         decoder=get_decoder,
+        perturbations=get_perturbations,
     output:
         metrics=f"{RESULTS}/{{dataset}}/evaluate/metrics.json",
         fates=f"{RESULTS}/{{dataset}}/evaluate/fates.h5ad",
@@ -41,6 +42,7 @@ rule evaluate:
         space=config["simulate"]["space"],
         simulators=simulator_args,
         decoder=lambda wc, input: f"--decoder {input.decoder[0]}" if input.decoder else "",
+        perturbations=lambda wc, input: " ".join(f"--perturbation {p}" for p in input.perturbations),
     conda:
         "../../envs/evaluate.yaml"
     log:
@@ -53,7 +55,7 @@ rule evaluate:
         runtime=res("evaluate", "runtime", 30),
     shell:
         "virtualcell evaluate --dataset {wildcards.dataset} --shared {input.shared} --space {params.space}"
-        " {params.simulators} {params.decoder} --output {output.metrics} --fates {output.fates} --figure {output.figure}"
+        " {params.simulators} {params.decoder} {params.perturbations} --output {output.metrics} --fates {output.fates} --figure {output.figure}"
         " --fate-figure {output.fate_figure} --embedding-figure {output.embedding_figure}"
         " --alignment-figure {output.alignment_figure} --prediction-figure {output.prediction_figure}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

@@ -6,6 +6,7 @@ rule pair:
         split=f"{RESULTS}/{{dataset}}/pairs/split.tsv",
     params:
         cfg=as_json(config["pair"]),
+        control=lambda wc: config["datasets"][wc.dataset]["control"],
     conda:
         "../../envs/data.yaml"
     log:
@@ -18,5 +19,5 @@ rule pair:
         runtime=res("pair", "runtime", 30),
     shell:
         "virtualcell pair --dataset {wildcards.dataset} --input {input.data} --output {output.data}"
-        " --split {output.split}"
+        " --split {output.split} --control {params.control:q}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,126 @@
+"""Perturbations: the generator's conditions and truth, the metrics, the baselines and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+
+from virtualcell import perturbation as P
+from virtualcell import synthetic, synthetic_conditions
+from virtualcell.errors import InputError
+from virtualcell.perturbation_metrics import Truth, mean_over
+
+SETTINGS = {"n_cells": 600, "n_genes": 120, "n_proteins": 8, "time_points": [0, 1, 2, 3, 4], "n_spots": 20}
+
+
+@pytest.fixture(scope="module")
+def perturbed():
+    return synthetic.generate(**SETTINGS, cells_per_condition=150)
+
+
+@pytest.fixture(scope="module")
+def data(perturbed):
+    rna = perturbed["rna"][~perturbed["rna"].obs["low_quality"].to_numpy()].copy()
+    sc.pp.normalize_total(rna, target_sum=1e4)
+    sc.pp.log1p(rna)
+    rna.var["highly_variable"] = ~rna.var["mt"].to_numpy()
+    rna.obs["celltype"] = rna.obs["fate"]
+    return P.Data(rna, control="control", n_pcs=10)
+
+
+def test_control_cells_do_not_change_when_perturbations_are_added(perturbed):
+    plain = synthetic.generate(**SETTINGS)
+    rna = perturbed["rna"]
+    control = rna.obs["condition"].to_numpy() == "control"
+    assert control.sum() == plain["rna"].n_obs and (rna.X[control] != plain["rna"].X).nnz == 0
+    # the counterfactual of a control cell is itself; of a perturbed one, the same noise under control
+    latent, cf = rna.obsm["truth_latent"], rna.obsm["truth_counterfactual"]
+    assert np.allclose(latent[control], cf[control])
+    assert not np.allclose(latent[~control], cf[~control])
+
+
+def test_conditions_act_as_their_truth_says(perturbed):
+    truth = perturbed.uns["synthetic"]["conditions"]
+    fates = {name: dict(zip(synthetic.BASINS, c["fate_proportions"], strict=True)) for name, c in truth.items()}
+    control = fates["control"]
+    assert fates["drug_block"]["progenitor"] > control["progenitor"] + 0.5  # differentiation blocked
+    assert fates["drug_tilt"]["fate_A"] > control["fate_A"] + 0.2  # tilted toward fate A
+    for name, c in truth.items():
+        if c["kind"] == "knockdown" and c["programmes"] == ["fate_A"]:
+            assert fates[name]["fate_A"] < control["fate_A"] - 0.1  # its basin's well is shallower
+        if c["kind"] == "knockdown" and c["programmes"] == ["none"]:
+            assert abs(fates[name]["fate_A"] - control["fate_A"]) < 0.03  # a direct effect only
+    # a knock-down leaves about 20 % of its target, whatever else it does
+    rna = perturbed["rna"]
+    lib = np.asarray(rna.X.sum(axis=1)).ravel()
+    for name, c in truth.items():
+        if c["kind"] == "knockdown" and c["programmes"] == ["none"]:
+            g = rna.var_names.get_loc(c["targets"][0])
+            share = np.asarray(rna.X[:, g].todense()).ravel() / lib
+            cond = rna.obs["condition"].to_numpy()
+            assert 0.05 < share[cond == name].mean() / share[cond == "control"].mean() < 0.45
+    # the workflow plans its jobs from the settings alone, and gets the same conditions
+    names, held = synthetic_conditions.planned(SETTINGS)
+    assert names == list(rna.obs["condition"].cat.categories) and set(held) <= set(names)
+    assert [truth[h]["auto_holdout"] for h in held] == [True] * 3
+
+
+def test_a_held_out_knockdown_never_has_its_gene_in_training(data):
+    combo = next(c for c in data.conditions if "+" in c)
+    single = combo.split("+")[0]
+    train = P.training_conditions(data, single)
+    assert single not in train and combo not in train
+    assert set(combo.split("+")) <= set(P.training_conditions(data, combo))  # a combination keeps its singles
+
+
+def test_scores_rank_the_truth_above_no_change(data):
+    combo = next(c for c in data.conditions if "+" in c)
+    cells = data.cells(combo)
+    half_a, half_b = P.split_halves(cells, data.time[cells], seed=0)
+    ctrl = data.cells("control")
+    others = {n: P.mean_change(data, n) for n in data.conditions if n != combo}
+    truth = Truth(data.x[half_b], data.x[ctrl], centroid=data.x[ctrl].mean(0), pca5=data.pca5, others=others)
+    start = P.matched_controls(data, data.time[half_a], seed=0)
+    ceiling = truth.score(data.x[half_a], max_points=500, seed=0)
+    control = truth.score(data.x[start], max_points=500, seed=0)
+    assert ceiling["pearson_delta_top20"] > 0.7 and control["pearson_delta_top20"] < ceiling["pearson_delta_top20"] - 0.3
+    assert ceiling["edist_pca5"] < control["edist_pca5"] and ceiling["mse_top20"] < control["mse_top20"]
+    assert ceiling["discrimination"] > control["discrimination"]
+    # the additive baseline of two singles is close to the real combination on its top genes
+    additive = truth.score(data.x[start] + sum(P.mean_change(data, c) for c in combo.split("+")), max_points=500,
+                           seed=0)
+    assert additive["pearson_delta_top20"] > 0.8
+    table = {combo: {"edist_pca5": {"model": 1.0, "control": 2.0}}, "x": {"edist_pca5": {"model": 3.0}}}
+    assert mean_over(table) == {"edist_pca5": {"control": 2.0, "model": 2.0}}
+
+
+def test_linear_baseline_recovers_a_linear_response(data, monkeypatch):
+    # changes made exactly G W p for every knock-down are what the PCA-ridge model fits (in sample: with
+    # 8 knock-downs and 10 x 10 weights, W is not determined outside their span)
+    g = data.pcs["components"].T
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(g.shape[1], g.shape[1]))
+    singles = [n for n in data.conditions if "+" not in n and data.kind(n) == "gene"]
+    fake = dict.fromkeys(singles)
+    for name in singles:
+        fake[name] = g @ w @ g[data.gene_index[name]]
+    monkeypatch.setattr(P, "mean_change", lambda d, n: fake[n])
+    predicted = P.linear_change(data, singles, singles[0])
+    assert np.corrcoef(predicted, fake[singles[0]])[0, 1] > 0.95
+    assert P.linear_change(data, singles, "drug_tilt") is None  # a drug has no gene embedding
+
+
+def test_bad_conditions_get_one_line_errors(data):
+    obs = pd.DataFrame({"condition": ["control"] * 30 + ["KD1"] * 30 + ["KD2"] * 3})
+    with pytest.raises(InputError, match=r"control label 'DMSO' is not a condition.*fix datasets.<name>.control"):
+        P.check_conditions(obs, control="DMSO", holdouts=[], min_cells=20, origin="f.h5ad")
+    with pytest.raises(InputError, match=r"f.h5ad: condition 'KD2' has 3 cells, fewer than min_cells_per_condition"):
+        P.check_conditions(obs, control="control", holdouts=[], min_cells=20, origin="f.h5ad")
+    with pytest.raises(InputError, match=r"held-out condition 'KD9' is not a condition"):
+        P.check_conditions(obs[:60], control="control", holdouts=["KD9"], min_cells=20, origin="f.h5ad")
+    with pytest.raises(InputError, match=r"'drug_tilt' is not a measured gene.*a drug never seen cannot be predicted"):
+        P.features(data, "drug_tilt", drugs=["drug_block"])
+    with pytest.raises(InputError, match=r"holdout_conditions: 'auto' needs the built-in data"):
+        P.holdout_conditions("mine", {"source": "h5ad", "condition_key": "perturbation"})
