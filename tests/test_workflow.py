@@ -323,11 +323,17 @@ def test_rerun_after_simulate_edit_schedules_only_simulate_and_after(workflow_ru
     assert jobs == {"simulate": 3, "evaluate": 1, "report": 1, "all": 1}
 
 
+def test_rerun_after_perturb_edit_schedules_only_perturb_and_after(workflow_run, tmp_path):
+    override = _override(tmp_path, "perturb:\n  epochs: 11\n")
+    jobs = scheduled(snakemake(workflow_run, "-n", extra_configs=[override]))
+    assert jobs == {"perturb": 3, "evaluate": 1, "report": 1, "all": 1}
+
+
 def test_rerun_after_qc_edit_schedules_qc_and_everything_after(workflow_run, tmp_path):
     override = _override(tmp_path, "qc:\n  min_genes: 21\n")
     jobs = scheduled(snakemake(workflow_run, "-n", extra_configs=[override]))
-    assert jobs == {"qc": 1, "pair": 1, "embed": 1, "align": 1, "decode": 1, "simulate": 3, "evaluate": 1,
-                    "report": 1, "all": 1}
+    assert jobs == {"qc": 1, "pair": 1, "embed": 1, "align": 1, "decode": 1, "simulate": 3, "perturb": 3,
+                    "evaluate": 1, "report": 1, "all": 1}
 
 
 def test_a_failing_job_marks_its_run_and_the_workflow_failed(tmp_path):
@@ -466,8 +472,8 @@ def test_rna_only_dataset_skips_the_alignment_and_simulates_in_the_rna_latent(tm
     override = _override(tmp_path, "datasets:\n  synthetic:\n    modalities: [rna]\n"
                                    "mlflow:\n  experiment: rna-only\n")
     jobs = scheduled(snakemake(tmp_path, "-n", extra_configs=[override]))
-    assert jobs == {"ingest": 1, "qc": 1, "pair": 1, "embed": 1, "decode": 1, "simulate": 3, "evaluate": 1,
-                    "report": 1, "all": 1}
+    assert jobs == {"ingest": 1, "qc": 1, "pair": 1, "embed": 1, "decode": 1, "simulate": 3, "perturb": 3,
+                    "evaluate": 1, "report": 1, "all": 1}
     snakemake(tmp_path, extra_configs=[override])
     results = tmp_path / "results" / "synthetic"
     metrics = json.loads((results / "evaluate" / "metrics.json").read_text())

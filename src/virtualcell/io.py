@@ -240,7 +240,7 @@ def read_dataset(name: str, spec: Mapping[str, Any]) -> md.MuData:
             spec["condition_key"] = "condition"
         if RNA not in (spec.get("modalities") or mdata.mod):
             # The generator's section alone: its spots carry no time, batch or fate, but a true niche.
-            spec = {**spec, "time_key": None, "batch_key": None, "celltype_key": "niche"}
+            spec = {**spec, "time_key": None, "batch_key": None, "celltype_key": "niche", "condition_key": None}
     else:
         path = Path(spec.get("path") or "")
         if not spec.get("path"):

@@ -116,6 +116,9 @@ class Data:
         self.pcs = reference.fit(self.x[is_ctrl], self.genes, n_components=n_pcs)
         self.pca5 = reference.leading(self.pcs)
         self.z = reference.project(self.x, self.pcs)
+        sd = self.x[is_ctrl].std(0)
+        self.gene_correlation = (self.pcs["components"] * self.pcs["scale"][:, None]
+                                 / np.where(sd > 0, sd, np.inf)[None, :])  # (PCs, genes)
         t_max = float(self.time.max()) or 1.0
         self.t_scaled = (self.time / t_max).astype(np.float32)
         self.gene_index = {g: i for i, g in enumerate(self.genes)}
@@ -150,14 +153,18 @@ def training_conditions(data: Data, holdout: str) -> list[str]:
 
 
 def features(data: Data, name: str, *, drugs: Sequence[str]) -> np.ndarray:
-    """One row per component: [gene embedding (loadings on the control PCs), drug one-hot, is_gene, is_drug]."""
+    """One row per component: [gene embedding, drug one-hot, is_gene, is_drug].
+
+    A gene's embedding is its correlation with each of the control cells' PCs (its loadings scaled by
+    the PC's sd over the gene's): scale-free, so a lowly expressed marker of a programme sits beside a
+    highly expressed one (raw loadings put them apart by their variance).
+    """
     k = len(data.pcs["scale"])
-    scale = np.sqrt(len(data.genes))  # loadings are unit vectors over genes; this brings entries to O(1)
     rows = []
     for comp in components(name):
         row = np.zeros(k + len(drugs) + 2, np.float32)
         if data.kind(comp) == "gene":
-            row[:k] = data.pcs["components"][:, data.gene_index[comp]] * scale
+            row[:k] = data.gene_correlation[:, data.gene_index[comp]]
             row[-2] = 1.0
         else:
             if comp not in drugs:

@@ -69,9 +69,14 @@ class Condition:
 def _programme_genes(genes: syn._GeneModel) -> dict[str, np.ndarray]:
     """Gene indices of each programme: the basins' markers, and expressed genes with no programme."""
     n_grid = len(syn.RBF_GRID_X) * len(syn.RBF_GRID_Y)
+    smooth = np.any(genes.loadings[:n_grid] != 0, axis=0)
     out = {}
     for k, basin in enumerate(syn.BASINS):
-        out[basin] = np.flatnonzero(genes.loadings[n_grid + k] > 0)
+        markers = np.flatnonzero(genes.loadings[n_grid + k] > 0)
+        # Markers of the basin alone (not also on the smooth programme), so that a knock-down's programme
+        # shows in the gene's expression, as a marker's does; all markers when fewer than needed are pure.
+        pure = markers[~smooth[markers]]
+        out[basin] = pure if len(pure) >= KNOCKDOWNS_PER_PROGRAMME else markers
     plain = ~genes.is_mt & ~genes.is_ribo & ~np.any(genes.loadings != 0, axis=0)
     # Expressed ones (high baseline), so that the knock-down is visible in the counts.
     candidates = np.flatnonzero(plain)

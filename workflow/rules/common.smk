@@ -116,8 +116,11 @@ def get_holdouts(dataset):
 def get_condition_holdouts(dataset):
     """{condition label (its path and wildcard): condition name} of the conditions a dataset holds out whole."""
     spec = config["datasets"][dataset]
-    if not spec.get("condition_key") and not (spec["source"] == "synthetic"
-                                              and spec["generator"].get("cells_per_condition")):
+    if spec["source"] == "synthetic":
+        # The generator's conditions are its cells' (a section alone has none).
+        if not spec["generator"].get("cells_per_condition") or "rna" not in spec["modalities"]:
+            return {}
+    elif not spec.get("condition_key"):
         return {}
     try:
         held = holdout_conditions(dataset, spec)
