@@ -18,7 +18,7 @@ from virtualcell import tracking
 
 pytestmark = pytest.mark.workflow
 JOBS = ["ingest", "qc", "pair", "embed", "align", "decode", "simulate", "simulate", "simulate", "perturb", "perturb",
-        "perturb", "evaluate", "report"]
+        "perturb", "perturb_model", "evaluate", "report"]
 EXPERIMENT = "virtualcell-test"
 
 

@@ -25,7 +25,7 @@ from virtualcell import tracking
 
 pytestmark = pytest.mark.workflow
 JOBS = ["ingest", "qc", "pair", "embed", "align", "decode", "simulate", "simulate", "simulate", "perturb", "perturb",
-        "perturb", "evaluate", "report"]
+        "perturb", "perturb_model", "evaluate", "report"]
 
 
 def snakemake(workdir: Path, *args: str, extra_configs=(), check=True) -> subprocess.CompletedProcess:
@@ -305,6 +305,19 @@ def test_predict_command_writes_an_h5ad(workflow_run, raw_cells, tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'logs.h5ad'}: values are not whole")
     assert not (tmp_path / "never.h5ad").exists()
+    # what if: the cells under a drug that blocks differentiation stay progenitors more often than under the
+    # control (the same path: rollouts under control, moved to the condition at the last time point)
+    fates = {}
+    for condition in ("control", "drug_block"):
+        done = predict("cells.h5ad", f"{condition}.h5ad", "--condition", condition, "--n-rollouts", "3")
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = ad.read_h5ad(tmp_path / f"{condition}.h5ad")
+        assert out.uns["virtualcell"]["condition"] == condition
+        fates[condition] = out.obsm["fate_probabilities"]["progenitor"].mean()
+    assert fates["drug_block"] > fates["control"] + 0.1
+    done = predict("cells.h5ad", "never.h5ad", "--condition", "aspirin")
+    assert done.returncode == 1 and "'aspirin' is neither one of the model's" in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "never.h5ad").exists()
 
 
 def _override(tmp_path: Path, text: str) -> Path:
@@ -326,13 +339,13 @@ def test_rerun_after_simulate_edit_schedules_only_simulate_and_after(workflow_ru
 def test_rerun_after_perturb_edit_schedules_only_perturb_and_after(workflow_run, tmp_path):
     override = _override(tmp_path, "perturb:\n  epochs: 11\n")
     jobs = scheduled(snakemake(workflow_run, "-n", extra_configs=[override]))
-    assert jobs == {"perturb": 3, "evaluate": 1, "report": 1, "all": 1}
+    assert jobs == {"perturb": 3, "perturb_model": 1, "evaluate": 1, "report": 1, "all": 1}
 
 
 def test_rerun_after_qc_edit_schedules_qc_and_everything_after(workflow_run, tmp_path):
     override = _override(tmp_path, "qc:\n  min_genes: 21\n")
     jobs = scheduled(snakemake(workflow_run, "-n", extra_configs=[override]))
-    assert jobs == {"qc": 1, "pair": 1, "embed": 1, "align": 1, "decode": 1, "simulate": 3, "perturb": 3,
+    assert jobs == {"qc": 1, "pair": 1, "embed": 1, "align": 1, "decode": 1, "simulate": 3, "perturb": 3, "perturb_model": 1,
                     "evaluate": 1, "report": 1, "all": 1}
 
 
@@ -472,7 +485,7 @@ def test_rna_only_dataset_skips_the_alignment_and_simulates_in_the_rna_latent(tm
     override = _override(tmp_path, "datasets:\n  synthetic:\n    modalities: [rna]\n"
                                    "mlflow:\n  experiment: rna-only\n")
     jobs = scheduled(snakemake(tmp_path, "-n", extra_configs=[override]))
-    assert jobs == {"ingest": 1, "qc": 1, "pair": 1, "embed": 1, "decode": 1, "simulate": 3, "perturb": 3,
+    assert jobs == {"ingest": 1, "qc": 1, "pair": 1, "embed": 1, "decode": 1, "simulate": 3, "perturb": 3, "perturb_model": 1,
                     "evaluate": 1, "report": 1, "all": 1}
     snakemake(tmp_path, extra_configs=[override])
     results = tmp_path / "results" / "synthetic"

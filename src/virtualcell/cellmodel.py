@@ -23,7 +23,9 @@ Prediction, given counts of cells x genes (by name):
    log-normalised expression of the highly variable genes;
 5. fate probabilities: ``n_rollouts`` stochastic simulations of each cell to the last
    observed time, each end state classified by its nearest real cells there;
-6. on a dataset aligned with protein, the cells' protein now, predicted from their RNA alone.
+6. on a dataset aligned with protein, the cells' protein now, predicted from their RNA alone;
+7. with a ``condition`` (datasets with conditions), the simulated cells and their fates under it
+   (:mod:`virtualcell.perturbmap`).
 
 The MLflow pyfunc (:class:`virtualcell.tracking.VirtualCellModel`) and ``virtualcell
 predict`` both call this class; model and tracking code stay apart.
@@ -82,6 +84,7 @@ class Prediction:
     n_ignored: int
     partner_features: list[str] = dataclasses.field(default_factory=list)
     partner: np.ndarray | None = None
+    condition: str | None = None
 
     def frame(self, index: Any = None) -> pd.DataFrame:
         """One table: the genes' simulated expression, then ``z0..`` (end state), then ``p_<fate>``, then
@@ -148,6 +151,9 @@ class VirtualCell:
             raise InputError(f"{self.directory}: the bundle lacks its {', '.join(missing)}; rerun the report step "
                              "(snakemake --forcerun report), which bundles them from embed, align and decode")
         self._classifier = None
+        from virtualcell.perturbmap import PerturbationMap
+
+        self.perturbation = PerturbationMap.load(directory)  # None when the dataset had no conditions
 
     # -- input ---------------------------------------------------------------------------------------
 
@@ -265,9 +271,37 @@ class VirtualCell:
         return self.simulator.simulate(states, t0=float(t_start), t1=float(t_start + horizon),
                                        n_steps=n_steps or int(self.meta["n_steps"]), seed=seed)
 
+    def _perturbation(self, condition: str):
+        if self.perturbation is None:
+            raise InputError(f"condition '{condition}': this virtual cell has no perturbation model (its dataset had "
+                             "no conditions: datasets.<name>.condition_key)")
+        self.perturbation.check(condition)
+        return self.perturbation
+
+    def fates_under(self, states: np.ndarray, condition: str, *, t_start: float, n_rollouts: int, n_steps: int,
+                    seed: int, sample: bool = True) -> np.ndarray:
+        """Fate probabilities under ``condition``: rollouts under control to the last observed time, each end
+        state decoded to genes and moved to the condition there (:mod:`virtualcell.perturbmap`), then called
+        by the control cells' types at that time."""
+        pmap = self._perturbation(condition)
+        t_end = float(self.times[-1])
+        rollouts = n_rollouts if self.simulator.stochastic and t_start < t_end else 1
+        index = {f: i for i, f in enumerate(self.fate_names)}
+        out = np.zeros((len(states), len(self.fate_names)))
+        for r in range(rollouts):
+            end = self.simulate(states, t_start=t_start, horizon=max(t_end - t_start, 0.0), seed=seed + r,
+                                n_steps=n_steps)
+            genes = pmap.apply(self.expression(end, sample=sample, seed=seed + r), self.output_genes, t=t_end,
+                               condition=condition)
+            names, probs = pmap.fates(genes, self.output_genes)
+            for j, name in enumerate(names):
+                if name in index:
+                    out[:, index[name]] += probs[:, j]
+        return out / rollouts
+
     def predict(self, values: Any, genes: list[str], *, horizon: float, t_start: float | None = None,
                 seed: int = 0, n_rollouts: int | None = None, n_steps: int | None = None,
-                sample: bool = True) -> Prediction:
+                sample: bool = True, condition: str | None = None) -> Prediction:
         """Simulate cells given as expression (cells x ``genes``, the training data's kind of values).
 
         Parameters
@@ -289,6 +323,12 @@ class VirtualCell:
             Decode a sample of each gene (the default: simulated cells keep the spread of real ones,
             as the evaluation judges them), or with ``False`` the decoder's means: denoised, but
             under-dispersed (on the test config their pca5 W1 to the real cells is 1.3x the sample's).
+        condition
+            "What if": the cells under a condition (a knock-down of any of the model's genes, ``GeneA+GeneB``,
+            or a drug it was trained on) rather than the control. The simulated cells are the control
+            simulation moved to the condition at ``t_start + horizon``, and the fates those of the
+            rollouts moved to it at the last time: cells as if under the condition since the first
+            time point, as the training cells were (:mod:`virtualcell.perturbmap`).
         """
         t_start = float(self.times[0] if t_start is None else t_start)
         matched, n_missing, n_ignored = self.match_genes(values, genes)
@@ -296,18 +336,24 @@ class VirtualCell:
         start, partner = self._states(matched, observed)
         end = self.simulate(start, t_start=t_start, horizon=horizon, seed=seed, n_steps=n_steps)
         n_steps = n_steps or int(self.meta["n_steps"])
-        fates = self.fates(start, t_start=t_start, n_rollouts=n_rollouts or int(self.meta["n_rollouts"]),
-                           n_steps=n_steps, seed=seed)
-        return Prediction(genes=self.output_genes, expression=np.asarray(self.expression(end, sample=sample,
-                                                                                         seed=seed)),
+        n_rollouts = n_rollouts or int(self.meta["n_rollouts"])
+        expression = np.asarray(self.expression(end, sample=sample, seed=seed))
+        if condition:
+            expression = self._perturbation(condition).apply(expression, self.output_genes, t=t_start + horizon,
+                                                             condition=condition)
+            fates = self.fates_under(start, condition, t_start=t_start, n_rollouts=n_rollouts, n_steps=n_steps,
+                                     seed=seed, sample=sample)
+        else:
+            fates = self.fates(start, t_start=t_start, n_rollouts=n_rollouts, n_steps=n_steps, seed=seed)
+        return Prediction(genes=self.output_genes, expression=expression,
                           observed=observed, start=start, end=end, fate_names=self.fate_names, fates=fates,
                           t_start=t_start, t_end=t_start + horizon, n_missing=n_missing, n_ignored=n_ignored,
-                          partner_features=self.partner_features, partner=partner)
+                          partner_features=self.partner_features, partner=partner, condition=condition or None)
 
 
 def write_bundle(directory: str | Path, *, shared: Any, simulator: str, encoder: str | None, aligner: str | None,
                  decoder: str | None, space: str, n_steps: int, n_rollouts: int, seed: int,
-                 predictor: str | None = None) -> Path:
+                 predictor: str | None = None, perturbation: tuple[str, str] | None = None) -> Path:
     """Gather what a :class:`VirtualCell` needs from the pipeline's files into ``directory``.
 
     ``shared`` is the state file the simulator was trained on (AnnData: obs ``time`` and, when
@@ -355,6 +401,10 @@ def write_bundle(directory: str | Path, *, shared: Any, simulator: str, encoder:
              ALIGNER: aligner if state_name == "shared" else None,
              PREDICTOR: predictor if state_name == "shared" else None,
              DECODER: decoder if state_name != reference.SPACE else None}
+    if perturbation:
+        from virtualcell.perturbmap import MAP, MODEL
+
+        files |= {MODEL: perturbation[0], MAP: perturbation[1]}
     for name, path in files.items():
         if path:
             (directory / name).write_bytes(Path(path).read_bytes())
@@ -386,13 +436,15 @@ def read_cells(path: str | Path, *, layer: str | None = None) -> tuple[ad.AnnDat
 
 def predict_h5ad(cell: VirtualCell, path: str | Path, output: str | Path, *, horizon: float,
                  t_start: float | None = None, seed: int = 0, n_rollouts: int | None = None,
-                 sample: bool = True, layer: str | None = None, model: str = "") -> ad.AnnData:
+                 sample: bool = True, layer: str | None = None, model: str = "",
+                 condition: str | None = None) -> ad.AnnData:
     """Predict the cells of an .h5ad and write them, with the answer in documented slots, to ``output``.
 
     Written (cells as in the input, genes: the model's output genes):
 
     - ``X``: the input cells' own log-normalised expression, measured as the training cells were;
-    - ``layers['simulated']``: simulated log-normalised expression at ``t_start + horizon``;
+    - ``layers['simulated']``: simulated log-normalised expression at ``t_start + horizon`` (under
+      ``condition`` when one is given);
     - ``obsm['X_state']`` / ``obsm['X_state_simulated']``: the states at ``t_start`` and after;
     - ``obsm['fate_probabilities']`` (a DataFrame, one column per fate) and ``obs['predicted_fate']``;
     - ``obsm['X_predicted_prot']`` (a DataFrame, one column per protein; datasets aligned with protein):
@@ -404,7 +456,7 @@ def predict_h5ad(cell: VirtualCell, path: str | Path, output: str | Path, *, hor
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             answer = cell.predict(values, list(cells.var_names), horizon=horizon, t_start=t_start, seed=seed,
-                                  n_rollouts=n_rollouts, sample=sample)
+                                  n_rollouts=n_rollouts, sample=sample, condition=condition)
     except InputError as exc:
         raise InputError(f"{path}: {str(exc).removeprefix('input cells: ')}") from None
     for w in caught:
@@ -424,6 +476,7 @@ def predict_h5ad(cell: VirtualCell, path: str | Path, output: str | Path, *, hor
                                                categories=answer.fate_names)
     out.uns["virtualcell"] = {"model": model, "space": cell.space, "horizon": float(horizon),
                               "t_start": answer.t_start, "t_end": answer.t_end, "seed": int(seed),
+                              "condition": condition or "control",
                               "n_missing_genes": answer.n_missing, "n_ignored_genes": answer.n_ignored}
     io.write_h5ad(out, output)
     return out

@@ -106,13 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("perturb", "train the perturbation model without one condition and score its prediction of it")
     _add(p, "--dataset", help=DATASET)
     _add(p, "--input", help="qc's .h5mu (every condition's cells)")
-    _add(p, "--condition", help="the condition held out whole")
+    _add(p, "--condition", required=False, default=None,
+         help="the condition held out whole; without it, train on every condition for the virtual cell (--map)")
     _add(p, "--control", help="the control label of obs condition")
     _add(p, "--min-cells", type=int, default=20, required=False, help="fewest cells a condition may have")
-    _add(p, "--output", help="perturb/<condition>/metrics.json: the model and every baseline's scores")
-    _add(p, "--model", help="perturb/<condition>/model.pt to write")
-    _add(p, "--cells", help="perturb/<condition>/predicted.h5ad: the model's predicted cells (log expression)")
-    _add(p, "--figure", help="the response figure (.png)")
+    _add(p, "--output", required=False, default=None,
+         help="perturb/<condition>/metrics.json: the model and every baseline's scores")
+    _add(p, "--map", required=False, default=None,
+         help="without --condition: perturb/map.npz, what the virtual cell needs to move cells to a condition")
+    _add(p, "--model", help="perturb/<condition>/model.pt to write (perturb/model.pt without --condition)")
+    _add(p, "--cells", required=False, default=None,
+         help="perturb/<condition>/predicted.h5ad: the model's predicted cells (log expression)")
+    _add(p, "--figure", required=False, default=None, help="the response figure (.png)")
 
     p = stage("embed", "train the RNA and joint RNA+protein count encoders")
     _add(p, "--dataset", help=DATASET)
@@ -177,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--predictor", required=False, default=None,
          help="align's predictor.pt (aligned datasets): the partner's embedding and values from RNA alone")
     _add(p, "--decoder", required=False, default=None, help="decode's decoder.pt (simulate.space: embedding)")
+    _add(p, "--perturbation", nargs=2, required=False, default=None, metavar=("MODEL", "MAP"),
+         help="perturb_model's model.pt and map.npz (datasets with conditions): the virtual cell's 'what if'")
     _add(p, "--metrics", help="evaluate's metrics.json (the numbers the model was judged by)")
     _add(p, "--output", help="report/model.json to write: the model's URI, its space and genes")
     _add(p, "--summary", help="report/summary.tsv to write: every headline number beside its baselines")
@@ -198,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--seed", type=int, required=False, default=0, help="seed of the stochastic simulation")
     _add(p, "--n-rollouts", type=int, required=False, default=None,
          help="simulations per cell for fate probabilities (default: the evaluation's)")
+    _add(p, "--condition", required=False, default=None,
+         help="what if: the cells under a knock-down (a gene name), a trained drug or GeneA+GeneB (models of "
+         "datasets with conditions); default the control")
     _add(p, "--mean", action="store_true", required=False,
          help="write the decoder's mean expression (denoised, under-dispersed) rather than a sample of each gene")
     _add(p, "--tracking-uri", required=False, default=None,
@@ -226,10 +236,11 @@ def predict(args: argparse.Namespace) -> None:
                              "--tracking-uri where it tracked") from None
     out = cellmodel.predict_h5ad(cell, args.input, args.output, horizon=args.horizon, t_start=args.t_start,
                                  seed=args.seed, n_rollouts=args.n_rollouts, sample=not args.mean, layer=args.layer,
-                                 model=args.model)
+                                 model=args.model, condition=args.condition)
     fates = out.obs["predicted_fate"].value_counts().to_dict()
+    under = f" under {args.condition}" if args.condition else ""
     print(f"[virtualcell] {out.n_obs} cells simulated from t={out.uns['virtualcell']['t_start']:g} to "
-          f"t={out.uns['virtualcell']['t_end']:g}; most likely fates {fates}; written to {args.output}")
+          f"t={out.uns['virtualcell']['t_end']:g}{under}; most likely fates {fates}; written to {args.output}")
 
 
 # stage -> (config section, inputs, outputs, wildcards, call)
@@ -250,9 +261,21 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
         return ("pair", [args.input], [args.output, args.split], wildcards,
                 lambda p, run: stages.pair(input=args.input, output=args.output, split=args.split, params=p,
                                            run=run, control=args.control))
+    if args.stage == "perturb" and args.condition is None:
+        from virtualcell import perturbmap
+
+        if not args.map:
+            raise InputError("perturb: pass --condition (a held-out condition to score) or --map (train on every "
+                             "condition for the virtual cell)")
+        return ("perturb", [args.input], [args.model, args.map], wildcards,
+                lambda p, run: perturbmap.perturb_model(input=args.input, control=args.control, model=args.model,
+                                                        output=args.map, params=p, device=device, run=run,
+                                                        min_cells=args.min_cells))
     if args.stage == "perturb":
         from virtualcell import perturbation
 
+        if not (args.output and args.cells and args.figure):
+            raise InputError("perturb --condition: pass --output, --cells and --figure too")
         return ("perturb", [args.input], [args.output, args.model, args.cells, args.figure],
                 wildcards | {"condition": args.condition},
                 lambda p, run: perturbation.perturb(input=args.input, condition=args.condition,
@@ -303,7 +326,8 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
     if args.stage == "report":
         from virtualcell import report
 
-        models = [f for f in (args.encoder, args.aligner, args.predictor, args.decoder) if f]
+        models = [f for f in (args.encoder, args.aligner, args.predictor, args.decoder, *(args.perturbation or []))
+                  if f]
         return ("report", [args.simulator, args.shared, args.expression, args.metrics, *models],
                 [args.output, args.summary, *filter(None, [args.page])], wildcards,
                 lambda p, run: report.register(simulator=args.simulator, shared=args.shared,
@@ -311,7 +335,8 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
                                                output=args.output, summary=args.summary, dataset=args.dataset,
                                                params=p, run=run, encoder=args.encoder, aligner=args.aligner,
                                                predictor=args.predictor,
-                                               decoder=args.decoder, page=args.page))
+                                               decoder=args.decoder, page=args.page,
+                                               perturbation=tuple(args.perturbation) if args.perturbation else None))
     raise AssertionError(args.stage)
 
 
@@ -331,8 +356,10 @@ def run(argv: list[str] | None = None) -> None:
     params = _section(args, section)
     started = time.time()
     try:
+        # `perturb` without --condition is the perturb_model rule's job (the model for the virtual cell).
+        rule = "perturb_model" if args.stage == "perturb" and args.condition is None else args.stage
         with tracking.job_run(
-            rule=args.stage, wildcards=wildcards, params=params, inputs=inputs, outputs=outputs,
+            rule=rule, wildcards=wildcards, params=params, inputs=inputs, outputs=outputs,
             jobid=args.jobid, enabled=not args.no_tracking,
         ) as job:
             call(params, job)

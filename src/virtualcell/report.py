@@ -21,13 +21,13 @@ from virtualcell.tracking import JobRun
 def register(*, simulator: str, shared: str, expression: str, metrics: str, output: str, summary: str,
              dataset: str, params: Mapping[str, Any], run: JobRun, encoder: str | None = None,
              aligner: str | None = None, decoder: str | None = None, page: str | None = None,
-             predictor: str | None = None) -> None:
+             predictor: str | None = None, perturbation: tuple[str, str] | None = None) -> None:
     """Log the virtual cell (genes in, genes out: :mod:`virtualcell.cellmodel`) as a pyfunc model and
     register it as ``virtualcell-{dataset}``, with the summary of the metrics it was judged by.
 
     ``simulator`` is the model trained on every time point; ``encoder`` (the RNA encoder),
     ``aligner``, ``predictor`` (the partner from RNA) and ``decoder`` take expression to its states and
-    back, as the state space needs.
+    back, as the state space needs; ``perturbation`` (model, map) answers "what if" (a ``condition`` param).
     """
     from virtualcell.models.dynamics import Simulator
 
@@ -41,11 +41,12 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
         bundle = cellmodel.write_bundle(Path(tmp) / "virtual_cell", shared=data, simulator=simulator,
                                         encoder=encoder, aligner=aligner, predictor=predictor, decoder=decoder,
                                         space=params.get("space", "embedding"), n_steps=params["n_steps"],
-                                        n_rollouts=max(1, params["fate_rollouts"]), seed=params["seed"])
+                                        n_rollouts=max(1, params["fate_rollouts"]), seed=params["seed"],
+                                        perturbation=perturbation)
         cell = cellmodel.VirtualCell(bundle)
         example = cellmodel.example_input(rna)
         call = {"horizon": 1.0, "t_start": float(cell.times[0]), "seed": 0, "n_rollouts": int(cell.meta["n_rollouts"]),
-                "n_steps": int(cell.meta["n_steps"]), "sample": True}
+                "n_steps": int(cell.meta["n_steps"]), "sample": True, "condition": ""}
         answer = cell.predict(example.to_numpy(), list(example.columns), **call)
         say(f"register: the virtual cell reads {len(cell.genes)} genes, simulates in the {cell.space} space "
             f"({cell.meta['state_dim']} dimensions) and returns {len(cell.output_genes)} genes and fates "
@@ -58,7 +59,10 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
             f"simulated log-normalised expression of {len(cell.output_genes)} genes, the state z0..z"
             f"{cell.meta['state_dim'] - 1} ({cell.space} space) and p_{{fate}} for fates {cell.fate_names}"
             + (f"; and the cells' {len(cell.partner_features)} proteins now, predicted from their RNA alone "
-               f"({cellmodel.PARTNER_PREFIX}{{protein}})." if cell.partner_features else "."))
+               f"({cellmodel.PARTNER_PREFIX}{{protein}})." if cell.partner_features else ".")
+            + (f" Param condition asks what if: the cells under a knock-down of any of its "
+               f"{len(cell.perturbation.genes)} genes (GeneX), a trained drug ({', '.join(cell.perturbation.drugs)}) "
+               "or a combination (GeneA+GeneB)." if cell.perturbation is not None else ""))
         judged = (f" Judged on held-out time points: mean W1 (pca5) model "
                   f"{mean.get('w1_pca5', {}).get('model', float('nan')):.3f} vs OT interpolation "
                   f"{mean.get('w1_pca5', {}).get('ot_interp', float('nan')):.3f}.")

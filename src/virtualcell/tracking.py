@@ -603,6 +603,8 @@ def simulator_input_example(states: np.ndarray, *, t_start: float, horizon: floa
 
 
 def _param_type(value: Any) -> str:
+    if isinstance(value, str):
+        return "string"
     return "boolean" if isinstance(value, bool) else "long" if isinstance(value, int) else "double"
 
 
@@ -613,7 +615,8 @@ class VirtualCellModel(mlflow.pyfunc.PythonModel):
     trained on normalised or log values), or the path of an .h5ad (``layers['counts']``, else ``X``).
     Params: ``horizon`` (time to simulate), ``t_start`` (the cells' time), ``seed``, ``n_rollouts``
     (fate simulations per cell), ``n_steps``, ``sample`` (false: the decoder's mean expression rather
-    than a sample).
+    than a sample), ``condition`` (datasets with conditions: "what if", the cells under a knock-down
+    ``GeneX``, a drug or ``GeneA+GeneB``; empty: the control).
     Output: one row per cell: the simulated log-normalised expression of the training's highly
     variable genes, the simulated state ``z0..`` and ``p_<fate>``, the probability of each fate.
 
@@ -658,7 +661,7 @@ class VirtualCellModel(mlflow.pyfunc.PythonModel):
         prediction = self.cell.predict(
             values, genes, horizon=horizon,
             t_start=t_start, seed=seed, n_rollouts=int(params["n_rollouts"]) if params.get("n_rollouts") else None,
-            n_steps=n_steps, sample=bool(params.get("sample", True)))
+            n_steps=n_steps, sample=bool(params.get("sample", True)), condition=params.get("condition") or None)
         return prediction.frame(index=model_input.index)
 
 

@@ -116,11 +116,7 @@ def get_holdouts(dataset):
 def get_condition_holdouts(dataset):
     """{condition label (its path and wildcard): condition name} of the conditions a dataset holds out whole."""
     spec = config["datasets"][dataset]
-    if spec["source"] == "synthetic":
-        # The generator's conditions are its cells' (a section alone has none).
-        if not spec["generator"].get("cells_per_condition") or "rna" not in spec["modalities"]:
-            return {}
-    elif not spec.get("condition_key"):
+    if not has_conditions(dataset):
         return {}
     try:
         held = holdout_conditions(dataset, spec)
@@ -133,6 +129,21 @@ def get_perturbations(wildcards):
     """The perturb jobs' metrics evaluate gathers into metrics.json's perturbation section."""
     return [f"{RESULTS}/{wildcards.dataset}/perturb/{label}/metrics.json"
             for label in get_condition_holdouts(wildcards.dataset)]
+
+
+def has_conditions(dataset):
+    """Whether a dataset's cells carry conditions (the perturb stage's): the generator's, or a condition_key."""
+    spec = config["datasets"][dataset]
+    if spec["source"] == "synthetic":
+        return bool(spec["generator"].get("cells_per_condition")) and "rna" in spec["modalities"]
+    return bool(spec.get("condition_key"))
+
+
+def get_perturbation_model(wildcards):
+    """perturb_model's files for the virtual cell's "what if" ([] without conditions)."""
+    if not has_conditions(wildcards.dataset):
+        return []
+    return [f"{RESULTS}/{wildcards.dataset}/perturb/model.pt", f"{RESULTS}/{wildcards.dataset}/perturb/map.npz"]
 
 
 def get_seeds():

@@ -36,3 +36,33 @@ rule perturb:
         " --control {params.control:q} --min-cells {params.min_cells} --output {output.metrics}"
         " --model {output.model} --cells {output.cells} --figure {output.figure} --device {params.device}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"
+
+
+rule perturb_model:
+    # The perturbation model on the control and every condition, for the virtual cell's "what if"
+    # (the condition param of the registered model).
+    input:
+        data=rules.qc.output.data,
+    output:
+        model=f"{RESULTS}/{{dataset}}/perturb/model.pt",
+        map=f"{RESULTS}/{{dataset}}/perturb/map.npz",
+    params:
+        cfg=as_json(config["perturb"]),
+        control=lambda wc: config["datasets"][wc.dataset]["control"],
+        min_cells=lambda wc: config["datasets"][wc.dataset]["min_cells_per_condition"],
+        device=config["device"],
+    conda:
+        "../../envs/train.yaml"
+    log:
+        f"{LOGS}/{{dataset}}/perturb_model.log",
+    benchmark:
+        f"{BENCHMARKS}/{{dataset}}/perturb_model.tsv",
+    threads: res("perturb", "threads", 1)
+    resources:
+        mem_mb=res("perturb", "mem_mb", 8000),
+        runtime=res("perturb", "runtime", 60),
+        gpu=res("perturb", "gpu", 0),
+    shell:
+        "virtualcell perturb --dataset {wildcards.dataset} --input {input.data} --control {params.control:q}"
+        " --min-cells {params.min_cells} --model {output.model} --map {output.map} --device {params.device}"
+        " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"

@@ -9,6 +9,7 @@ rule report:
         aligner=get_aligner,
         predictor=get_predictor,
         decoder=get_decoder,
+        perturbation=get_perturbation_model,
     output:
         model=f"{RESULTS}/{{dataset}}/report/model.json",
         summary=report(
@@ -26,7 +27,8 @@ rule report:
     params:
         cfg=as_json(report_params(config)),
         models=lambda wildcards, input: " ".join(
-            f"--{k} {input[k]}" for k in ("encoder", "aligner", "predictor", "decoder") if input.get(k)),
+            f"--{k} {input[k]}" for k in ("encoder", "aligner", "predictor", "decoder") if input.get(k))
+        + (" --perturbation " + " ".join(input.perturbation) if input.perturbation else ""),
     conda:
         "../../envs/evaluate.yaml"
     log:
