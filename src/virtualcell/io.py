@@ -12,6 +12,7 @@ never leaves a file that looks finished.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -276,8 +277,42 @@ def read_dataset(name: str, spec: Mapping[str, Any]) -> md.MuData:
                 "10x_h5, 10x_mtx, visium, csv"
             )
     origin = str(spec.get("path") or f"synthetic dataset {name}")
+    if spec.get("condition_key") == GUIDES:
+        mdata, spec = _conditions_from_guides(mdata, spec, dataset=name, origin=origin)
     mdata = select_modalities(mdata, spec.get("modalities") or list(mdata.mod), dataset=name, origin=origin)
     return harmonise(mdata, spec, origin=origin)
+
+
+GUIDES = "guides"  # condition_key: the conditions are the cells' CRISPR guides (virtualcell.guides)
+
+
+def _conditions_from_guides(mdata: md.MuData, spec: Mapping[str, Any], *, dataset: str,
+                            origin: str) -> tuple[md.MuData, dict[str, Any]]:
+    """Each cell's condition from its CRISPR guides; cells without an assignment are left out (and counted)."""
+    from virtualcell import guides
+
+    if guides.MODALITY not in mdata.mod:
+        raise InputError(f"{origin}: condition_key: guides, but no CRISPR Guide Capture features (found "
+                         f"{sorted(mdata.mod)}); give Cell Ranger's matrix with its guide library, or name an obs "
+                         f"column in config datasets.{dataset}.condition_key")
+    assigned = guides.assign(mdata.mod[guides.MODALITY], control=spec.get("control", "control"),
+                             min_umi=spec.get("guide_min_umi", 3),
+                             pattern=spec.get("guide_pattern") or guides.DEFAULT_PATTERN, origin=origin)
+    keep = assigned.index[assigned[guides.CONDITION_COLUMN].notna()]
+    counts = {"cells": len(assigned), "assigned": len(keep),
+              "multiplets": int(assigned.loc[keep, "guide_multiplet"].sum())}
+    print(f"[virtualcell] {origin}: guides assign a condition to {counts['assigned']} of {counts['cells']} cells "
+          f"({counts['multiplets']} with several guides); the {counts['cells'] - counts['assigned']} others "
+          "(no guide called, or more than two targets) are left out", file=sys.stderr, flush=True)
+    mods = {}
+    for mod_name, adata in mdata.mod.items():
+        part = adata[adata.obs_names.isin(keep)].copy()
+        for column in assigned.columns:
+            part.obs[column] = assigned[column].reindex(part.obs_names).to_numpy()
+        mods[mod_name] = part
+    out = md.MuData(mods)
+    out.uns.update(dict(mdata.uns) | {"guide_assignment": counts})
+    return out, {**spec, "condition_key": guides.CONDITION_COLUMN}
 
 
 def expression_modality(mdata: md.MuData) -> str:
