@@ -361,18 +361,17 @@ def write_bundle(directory: str | Path, *, shared: Any, simulator: str, encoder:
     left out when the state space does not use them.
     """
     from virtualcell import stages
+    from virtualcell import timecourse as tc
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state_name, x = stages.state_of(shared, space)
     ref_uns = shared.uns[reference.KEY]
     ref = reference.from_uns(ref_uns)
-    times = stages.observed_times(shared.obs, origin="the state file")
+    times = tc.observed_times(shared.obs, origin="the state file")
     t = shared.obs["time"].to_numpy(dtype=float)
     last = t == times[-1]
     labels = shared.obs["celltype"].astype(str).to_numpy()[last] if "celltype" in shared.obs else None
-    from virtualcell import timecourse as tc
-
     clf = tc.fate_classifier(x[last], labels, seed=seed)
     fate_names = [str(c) for c in clf.classes_]
     if labels is None:

@@ -163,3 +163,40 @@ def score(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray
     if compression:
         sections["compression"] = compression
     return sections, drawn
+
+
+def predict_partner(out: ad.AnnData, partner: str, *, params: Mapping[str, Any], device: str, run,
+                     path: str) -> None:
+    """Train the partner's predictor from RNA on the training cells; record what it predicts for every cell.
+
+    ``obsm["X_predicted_<partner>"]`` (the partner's values from RNA alone), ``obsm["X_shared_<partner>_predicted"]``
+    (its shared embedding from RNA alone) and ``obs["pair_energy"]`` (how far the measured partner is from
+    the predicted one: a cell's two measurements that do not agree score high).
+    """
+    import functools
+
+    from virtualcell import io
+    from virtualcell.models.predictor import CrossModalPredictor
+    from virtualcell.stages import ENERGY, _fit, say
+
+    split = out.obs["split"].to_numpy()
+    train, val = split == "train", split == "val"
+    arrays = [np.asarray(out.obsm[k], dtype=np.float32)
+              for k in (EMBED_RNA, SHARED_RNA, shared_key(partner), input_key(partner))]
+    model = CrossModalPredictor(arrays[0].shape[1], arrays[1].shape[1], arrays[3].shape[1],
+                                n_hidden=params["n_hidden"], dropout=params["dropout"])
+    say(f"align: JEPA-style predictor RNA -> {partner} on {int(train.sum())} cells")
+    _fit(functools.partial(model.fit, *(a[train] for a in arrays),
+                           validation=tuple(a[val] for a in arrays) if val.sum() > 1 else None,
+                           epochs=params["predictor_epochs"], batch_size=params["batch_size"], lr=params["lr"],
+                           seed=params["seed"], device=device),
+         run=run, prefix="align/predictor", checkpoint=None, every=0)
+    predicted = model.predict_embedding(arrays[0], arrays[1])
+    out.obsm[predicted_key(partner)] = model.decode(predicted)
+    out.obsm[f"{shared_key(partner)}_predicted"] = predicted
+    out.obs[ENERGY] = np.sum((predicted - arrays[2]) ** 2, axis=1)
+    if model.best_epoch is not None:
+        run.log_metrics({"align/predictor.best_epoch": float(model.best_epoch)})
+        say(f"align: the predictor keeps epoch {model.best_epoch} (lowest validation error of protein from RNA)")
+    io.atomic_write(path, model.save)
+    run.log_artifact(path, artifact_path="models")

@@ -26,6 +26,7 @@ from virtualcell import figures, io, reference, synthetic
 from virtualcell.errors import InputError
 from virtualcell.io import COUNTS_LAYER, PROT, RNA, SPATIAL
 from virtualcell.pairing import IMAGE, PATCH_SHAPE
+from virtualcell.timecourse import NO_HOLDOUT, check_holdouts, observed_times, parse_holdout
 from virtualcell.tracking import JobRun
 
 # The expression latent is "X_rna" for cells and for spots alike (spots measure RNA too).
@@ -40,8 +41,6 @@ ENERGY = "pair_energy"  # obs: the predictor's squared error on a cell's measure
 # align's output: which modality the expression was aligned with
 PARTNER = "partner"
 PARTNER_NAMES = "partner_features"  # align's output: the names of the partner's values (the proteins)
-NO_HOLDOUT = "none"
-LAST = "last"  # the holdout of the last time point: extrapolated from the earlier ones
 # obs columns carried from the paired data into the embedding files
 CARRIED_OBS = ("split", "time", "batch", "condition", "celltype", "fate")
 
@@ -95,11 +94,6 @@ def state_of(data: ad.AnnData, space: str = "embedding") -> tuple[str, np.ndarra
 def say(message: str) -> None:
     """Progress for the job's log."""
     print(f"[virtualcell] {message}", file=sys.stderr, flush=True)
-
-
-def holdout_label(time: float) -> str:
-    """The {holdout} wildcard of a time point: 2.0 -> '2', 0.5 -> '0.5'."""
-    return f"{float(time):g}"
 
 
 def _dense(x: Any) -> np.ndarray:
@@ -454,7 +448,9 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     metrics = retrieval_metrics(za[test], zb[test]) if test.sum() > 5 else {}
     run.log_metrics({f"align/test_{k}": v for k, v in metrics.items()})
     if predictor:
-        _predict_partner(out, partner, params=params, device=device, run=run, path=predictor)
+        from virtualcell import crossmodal
+
+        crossmodal.predict_partner(out, partner, params=params, device=device, run=run, path=predictor)
     plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([h["loss"] for h in history], label="train")
@@ -469,82 +465,6 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     io.write_h5ad(out, output)
     remove_checkpoints(checkpoint)
     say(f"align: test retrieval {metrics}")
-
-
-def _predict_partner(out: ad.AnnData, partner: str, *, params: Mapping[str, Any], device: str, run: JobRun,
-                     path: str) -> None:
-    """Train the partner's predictor from RNA on the training cells; record what it predicts for every cell.
-
-    ``obsm["X_predicted_<partner>"]`` (the partner's values from RNA alone), ``obsm["X_shared_<partner>_predicted"]``
-    (its shared embedding from RNA alone) and ``obs["pair_energy"]`` (how far the measured partner is from
-    the predicted one: a cell's two measurements that do not agree score high).
-    """
-    from virtualcell.models.predictor import CrossModalPredictor
-
-    split = out.obs["split"].to_numpy()
-    train, val = split == "train", split == "val"
-    arrays = [np.asarray(out.obsm[k], dtype=np.float32)
-              for k in (EMBED_RNA, SHARED_RNA, shared_key(partner), input_key(partner))]
-    model = CrossModalPredictor(arrays[0].shape[1], arrays[1].shape[1], arrays[3].shape[1],
-                                n_hidden=params["n_hidden"], dropout=params["dropout"])
-    say(f"align: JEPA-style predictor RNA -> {partner} on {int(train.sum())} cells")
-    _fit(functools.partial(model.fit, *(a[train] for a in arrays),
-                           validation=tuple(a[val] for a in arrays) if val.sum() > 1 else None,
-                           epochs=params["predictor_epochs"], batch_size=params["batch_size"], lr=params["lr"],
-                           seed=params["seed"], device=device),
-         run=run, prefix="align/predictor", checkpoint=None, every=0)
-    predicted = model.predict_embedding(arrays[0], arrays[1])
-    out.obsm[predicted_key(partner)] = model.decode(predicted)
-    out.obsm[f"{shared_key(partner)}_predicted"] = predicted
-    out.obs[ENERGY] = np.sum((predicted - arrays[2]) ** 2, axis=1)
-    if model.best_epoch is not None:
-        run.log_metrics({"align/predictor.best_epoch": float(model.best_epoch)})
-        say(f"align: the predictor keeps epoch {model.best_epoch} (lowest validation error of protein from RNA)")
-    io.atomic_write(path, model.save)
-    run.log_artifact(path, artifact_path="models")
-
-
-def observed_times(obs: pd.DataFrame, *, origin: str) -> np.ndarray:
-    if "time" not in obs:
-        raise InputError(f"{origin}: no time labels (obs 'time'); set time_key for the dataset in the config")
-    times = np.unique(obs["time"].to_numpy(dtype=float))
-    if len(times) < 3:
-        raise InputError(
-            f"{origin}: {len(times)} time point(s) {times.tolist()}; the simulator needs at least 3 (an interior "
-            "one to hold out): add time points, or leave time_key empty to skip the simulator"
-        )
-    return times
-
-
-def parse_holdout(holdout: str, times: np.ndarray, *, origin: str) -> float | None:
-    """None for the model trained on every time point; else the held-out time.
-
-    An interior time point is interpolated; the last one is extrapolated (predicted from the
-    earlier ones). The first cannot be held out: the simulator starts from it.
-    """
-    if holdout == NO_HOLDOUT:
-        return None
-    if holdout == LAST:
-        return float(times[-1])
-    matches = [t for t in times if holdout_label(t) == holdout]
-    allowed = [holdout_label(t) for t in times[1:]]
-    if not matches or matches[0] == times[0]:
-        raise InputError(
-            f"{origin}: held-out time point '{holdout}' is not a later time point of the data; choose from {allowed}"
-        )
-    return float(matches[0])
-
-
-def check_holdouts(holdouts: str | list[float], times: np.ndarray, *, origin: str) -> None:
-    """Every listed held-out time point must be an interior time point (``auto`` picks them so)."""
-    if holdouts != "auto":
-        interior = [holdout_label(t) for t in times[1:-1]]
-        for time in holdouts:
-            if holdout_label(time) not in interior:
-                raise InputError(
-                    f"{origin}: held-out time point '{holdout_label(time)}' is not an interior time point; choose "
-                    f"from {interior} (the last one is held out for extrapolation by evaluate.extrapolate)"
-                )
 
 
 SIMULATE_METHODS = ("ot_cfm", "sf2m")

@@ -14,9 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from virtualcell import evaluate as ev
 from virtualcell import reference, synthetic
+from virtualcell.errors import InputError
 
 DISTANCES = ("w1", "w2", "mmd", "edist")
 STATE_DISTANCES = ("w1", "w2", "mmd")
@@ -194,3 +196,58 @@ def true_fates(latent: np.ndarray, t: np.ndarray, classes: Sequence[str], *, t_e
         if c in synthetic.BASINS:
             out[:, k] = probs[:, synthetic.BASINS.index(c)]
     return out
+
+
+# ---------------------------------------------------------------------------
+# time points and holdouts (the {holdout} wildcard)
+
+NO_HOLDOUT = "none"
+LAST = "last"  # the holdout of the last time point: extrapolated from the earlier ones
+
+
+def holdout_label(time: float) -> str:
+    """The {holdout} wildcard of a time point: 2.0 -> '2', 0.5 -> '0.5'."""
+    return f"{float(time):g}"
+
+
+def observed_times(obs: pd.DataFrame, *, origin: str) -> np.ndarray:
+    if "time" not in obs:
+        raise InputError(f"{origin}: no time labels (obs 'time'); set time_key for the dataset in the config")
+    times = np.unique(obs["time"].to_numpy(dtype=float))
+    if len(times) < 3:
+        raise InputError(
+            f"{origin}: {len(times)} time point(s) {times.tolist()}; the simulator needs at least 3 (an interior "
+            "one to hold out): add time points, or leave time_key empty to skip the simulator"
+        )
+    return times
+
+
+def parse_holdout(holdout: str, times: np.ndarray, *, origin: str) -> float | None:
+    """None for the model trained on every time point; else the held-out time.
+
+    An interior time point is interpolated; the last one is extrapolated (predicted from the
+    earlier ones). The first cannot be held out: the simulator starts from it.
+    """
+    if holdout == NO_HOLDOUT:
+        return None
+    if holdout == LAST:
+        return float(times[-1])
+    matches = [t for t in times if holdout_label(t) == holdout]
+    allowed = [holdout_label(t) for t in times[1:]]
+    if not matches or matches[0] == times[0]:
+        raise InputError(
+            f"{origin}: held-out time point '{holdout}' is not a later time point of the data; choose from {allowed}"
+        )
+    return float(matches[0])
+
+
+def check_holdouts(holdouts: str | list[float], times: np.ndarray, *, origin: str) -> None:
+    """Every listed held-out time point must be an interior time point (``auto`` picks them so)."""
+    if holdouts != "auto":
+        interior = [holdout_label(t) for t in times[1:-1]]
+        for time in holdouts:
+            if holdout_label(time) not in interior:
+                raise InputError(
+                    f"{origin}: held-out time point '{holdout_label(time)}' is not an interior time point; choose "
+                    f"from {interior} (the last one is held out for extrapolation by evaluate.extrapolate)"
+                )

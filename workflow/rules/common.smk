@@ -10,7 +10,8 @@ from virtualcell.cli import ENV_CHECKPOINT_EVERY
 from virtualcell.config import report_params, validate_config
 from virtualcell.errors import InputError
 from virtualcell.perturbation import condition_label, holdout_conditions
-from virtualcell.stages import DECODER_PARAMS, LAST, NO_HOLDOUT, check_holdouts, holdout_label, partner_modality
+from virtualcell.stages import DECODER_PARAMS, partner_modality
+from virtualcell.timecourse import LAST, NO_HOLDOUT, check_holdouts, holdout_label
 from virtualcell.summary import where_things_are
 
 try:
