@@ -241,7 +241,7 @@ def test_two_invocations_sharing_a_store_keep_their_runs_apart(two_invocations):
         runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
         (parent,) = [r for r in runs if r.data.tags[tracking.TAG_KIND] == "workflow"]
         children = [r for r in runs if r.data.tags[tracking.TAG_KIND] == "job"]
-        assert parent.info.status == "FINISHED" and len(children) == 11
+        assert parent.info.status == "FINISHED" and len(children) == 15  # 11 + 3 perturb + perturb_model
         assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
         assert {r.data.tags["wildcard.dataset"] for r in children} == {"synth" + experiment[-1].upper()}
         assert all(r.info.status == "FINISHED" for r in children)
@@ -286,6 +286,9 @@ def _check_every_output(folder: Path) -> list[Path]:
             torch.load(path, weights_only=True)
         elif path.suffix == ".json":
             json.loads(path.read_text())
+        elif path.suffix == ".npz":
+            with np.load(path) as arrays:
+                list(arrays.values())
         elif path.suffix == ".tsv":
             pd.read_csv(path, sep="\t")
         elif path.suffix == ".png":

@@ -178,7 +178,7 @@ def test_every_job_was_submitted_with_sbatch_and_completed(workflow_run, cluster
     for slurm_id, log in submitted.values():
         record = slurm_job(cluster, slurm_id)
         assert record["JobState"] == "COMPLETED" and record["Partition"] == PARTITION, record
-        rules.append(re.match(r"rule_([a-z]+)_wildcards_", record["Comment"]).group(1))
+        rules.append(re.match(r"rule_([a-z_]+?)_wildcards_", record["Comment"]).group(1))
         assert re.search(rf"^JobId={slurm_id} .*JobState=COMPLETED", jobcomp, re.M)
         assert f"/.snakemake/slurm_logs/rule_{rules[-1]}/" in log
     assert sorted(rules) == sorted(JOBS)
@@ -187,7 +187,7 @@ def test_every_job_was_submitted_with_sbatch_and_completed(workflow_run, cluster
 def test_training_rules_ask_slurm_for_a_gpu(workflow_run, cluster):
     for slurm_id, _ in workflow_run["submitted"].values():
         record = slurm_job(cluster, slurm_id)
-        rule = re.match(r"rule_([a-z]+)_", record["Comment"]).group(1)
+        rule = re.match(r"rule_([a-z_]+?)_wildcards_", record["Comment"]).group(1)
         if rule in GPU_RULES:
             assert record.get("TresPerJob") == "gres:gpu:1", record
         else:
