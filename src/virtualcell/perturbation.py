@@ -322,15 +322,36 @@ def fate_proportions(data: Data, predict: Predictor, half_a: np.ndarray, holdout
     return out
 
 
+def train_flow(data: Data, train: Sequence[str], *, drugs: Sequence[str], params: Mapping[str, Any], device: str,
+               run, prefix: str, max_components: int = 1):
+    """The perturbation model trained on the control cells and the ``train`` conditions (one training recipe
+    for the held-out jobs and for the virtual cell's model)."""
+    import functools
+
+    from virtualcell.models.perturbation import ConditionalFlow
+    from virtualcell.stages import _fit
+
+    if not train:
+        raise InputError("the perturbation model needs at least one condition to train on besides the held-out one; "
+                         "add conditions or hold out fewer")
+    ctrl = data.cells(data.control)
+    conds = [(data.z[data.cells(n)], data.t_scaled[data.cells(n)], features(data, n, drugs=drugs)) for n in train]
+    flow = ConditionalFlow(len(data.pcs["scale"]), conds[0][2].shape[1],
+                           max_components=max(max_components, *(len(components(n)) for n in train)),
+                           n_hidden=params["n_hidden"], n_layers=params["n_layers"])
+    _fit(functools.partial(flow.fit, data.z[ctrl], data.t_scaled[ctrl], conds, epochs=params["epochs"],
+                           steps_per_epoch=params["steps_per_epoch"], batch_size=params["batch_size"],
+                           lr=params["lr"], device=device, seed=params["seed"]),
+         run=run, prefix=prefix, checkpoint=None, every=0)
+    return flow
+
+
 def perturb(*, input: str, condition: str, control: str, output: str, model: str, cells: str, figure: str,
             params: Mapping[str, Any], device: str, run, min_cells: int = 20) -> None:
     """Train the perturbation model without ``condition`` and score its prediction of it beside the baselines."""
-    import functools
-
     from virtualcell import figures
-    from virtualcell.models.perturbation import ConditionalFlow
     from virtualcell.perturbation_metrics import Truth
-    from virtualcell.stages import _fit, say
+    from virtualcell.stages import say
 
     mdata = io.read_h5mu(input)
     rna = mdata.mod[io.expression_modality(mdata)]
@@ -338,19 +359,12 @@ def perturb(*, input: str, condition: str, control: str, output: str, model: str
     data = Data(rna, control=control, n_pcs=params["n_pcs"])
     train = training_conditions(data, condition)
     drugs = sorted({c for n in train for c in components(n) if data.kind(c) == "drug"})
-    feats = features(data, condition, drugs=drugs)  # fails now, not after training, for an unseen drug
+    features(data, condition, drugs=drugs)  # fails now, not after training, for an unseen drug
     say(f"perturb: held out '{condition}' ({len(data.cells(condition))} cells); training on the control "
         f"({len(data.cells(control))} cells) and {len(train)} conditions in {len(data.pcs['scale'])} PCs of "
         f"{len(data.genes)} genes")
-    ctrl = data.cells(control)
-    flow = ConditionalFlow(len(data.pcs["scale"]), feats.shape[1],
-                           max_components=max(len(components(n)) for n in [*train, condition]),
-                           n_hidden=params["n_hidden"], n_layers=params["n_layers"])
-    conds = [(data.z[data.cells(n)], data.t_scaled[data.cells(n)], features(data, n, drugs=drugs)) for n in train]
-    _fit(functools.partial(flow.fit, data.z[ctrl], data.t_scaled[ctrl], conds, epochs=params["epochs"],
-                           steps_per_epoch=params["steps_per_epoch"], batch_size=params["batch_size"],
-                           lr=params["lr"], device=device, seed=params["seed"]),
-         run=run, prefix="perturb", checkpoint=None, every=0)
+    flow = train_flow(data, train, drugs=drugs, params=params, device=device, run=run, prefix="perturb",
+                      max_components=len(components(condition)))
     io.atomic_write(model, flow.save)
     run.log_artifact(model, artifact_path="models")
 
@@ -359,8 +373,8 @@ def perturb(*, input: str, condition: str, control: str, output: str, model: str
     half_a, half_b = split_halves(cells_held, data.time[cells_held], seed=params["seed"])
     start = matched_controls(data, data.time[half_a], seed=params["seed"])
     predicted = predict(start) | {"ceiling": data.x[half_a]}
-    weights = [data.cells(n) for n in train]
-    centroid = np.mean([data.x[w].mean(0) for w in weights], axis=0)
+    ctrl = data.cells(control)
+    centroid = np.mean([data.x[data.cells(n)].mean(0) for n in train], axis=0)
     others = {n: mean_change(data, n) for n in data.conditions if n != condition}
     truth = Truth(data.x[half_b], data.x[ctrl], centroid=centroid, pca5=data.pca5, others=others)
     scores = {m: truth.score(x, max_points=params["max_points"], seed=params["seed"]) for m, x in predicted.items()}

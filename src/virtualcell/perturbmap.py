@@ -17,7 +17,6 @@ to ``t + horizon``, and map the result (:meth:`virtualcell.cellmodel.VirtualCell
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from virtualcell.perturbation import (
     components,
     features,
     knockdown_residual,
+    train_flow,
 )
 
 MAP = "perturbation.npz"
@@ -129,8 +129,7 @@ class PerturbationMap:
 def perturb_model(*, input: str, control: str, model: str, output: str, params: Mapping[str, Any], device: str,
                   run, min_cells: int = 20) -> None:
     """Train the perturbation model on the control and every condition; write it and its map (``output``)."""
-    from virtualcell.models.perturbation import ConditionalFlow
-    from virtualcell.stages import _fit, say
+    from virtualcell.stages import say
 
     mdata = io.read_h5mu(input)
     rna = mdata.mod[io.expression_modality(mdata)]
@@ -140,15 +139,8 @@ def perturb_model(*, input: str, control: str, model: str, output: str, params: 
     drugs = sorted({c for n in train for c in components(n) if data.kind(c) == "drug"})
     say(f"perturb_model: the control ({len(data.cells(control))} cells) and all {len(train)} conditions, for the "
         "virtual cell's 'what if'")
+    flow = train_flow(data, train, drugs=drugs, params=params, device=device, run=run, prefix="perturb_model")
     ctrl = data.cells(control)
-    conds = [(data.z[data.cells(n)], data.t_scaled[data.cells(n)], features(data, n, drugs=drugs)) for n in train]
-    flow = ConditionalFlow(len(data.pcs["scale"]), conds[0][2].shape[1],
-                           max_components=max(len(components(n)) for n in train),
-                           n_hidden=params["n_hidden"], n_layers=params["n_layers"])
-    _fit(functools.partial(flow.fit, data.z[ctrl], data.t_scaled[ctrl], conds, epochs=params["epochs"],
-                           steps_per_epoch=params["steps_per_epoch"], batch_size=params["batch_size"],
-                           lr=params["lr"], device=device, seed=params["seed"]),
-         run=run, prefix="perturb_model", checkpoint=None, every=0)
     io.atomic_write(model, flow.save)
     residual = knockdown_residual(data, train)
     last = ctrl[data.time[ctrl] == data.time.max()]
@@ -161,4 +153,5 @@ def perturb_model(*, input: str, control: str, model: str, output: str, params: 
               "control_mean": data.x[ctrl].mean(0), "fate_states": data.z[last], "fate_labels": labels.astype(str)}
     io.atomic_write(output, lambda tmp: np.savez(tmp, **arrays))
     run.log_artifact(model, artifact_path="models")
+    run.log_artifact(output, artifact_path="models")
     say(f"wrote {model} and {output}: knock-downs of any of {len(data.genes)} genes, drugs {drugs}")

@@ -203,6 +203,9 @@ def ingest(*, dataset: str, spec: Mapping[str, Any], output: str, run: JobRun) -
             shared = adata.obs_names.intersection(mdata.mod[expression].obs_names)
             summary[f"{name}.paired_fraction"] = len(shared) / max(mdata.mod[expression].n_obs, 1)
     summary["paired_cells"] = len(paired)
+    if "condition" in mdata.mod[expression].obs:
+        summary["conditions"] = int(mdata.mod[expression].obs["condition"].nunique())
+        summary |= {f"guides.{k}": v for k, v in dict(mdata.uns.get("guide_assignment", {})).items()}
     run.log_metrics({f"ingest/{k}": v for k, v in summary.items()})
     run.log_dict(summary, "ingest_summary.json")
     io.write_h5mu(mdata, output)
