@@ -37,7 +37,8 @@ import torch
 from virtualcell import train
 from virtualcell.models._base import BaseModel, as_float_array
 from virtualcell.models.couplings import entropic_plan, exact_plan, sample_ot_pairs, sample_plan, squared_cost
-from virtualcell.models.fields import S_MIN, Dynamics, VelocityField, brownian_bridge, conditional_flow
+from virtualcell.models.fields import (S_MIN, Dynamics, VelocityField, brownian_bridge, conditional_flow,
+                                      euler_maruyama)
 from virtualcell.train import BadInputError
 
 __all__ = [
@@ -391,12 +392,8 @@ class Simulator(BaseModel):
         h = (tau1 - tau0) / n_steps
         with torch.no_grad():
             if sde:
-                # Noise is drawn on the CPU, so a seed gives the same paths on every device.
                 generator = None if seed is None else torch.Generator().manual_seed(int(seed))
-                scale = float(self.module.diffusion) * math.sqrt(h)
-                for k in range(n_steps):
-                    dw = torch.randn(y.shape, generator=generator).to(y.device)
-                    y = y + h * self.module(y, tau0 + k * h) + scale * dw
+                y = euler_maruyama(self.module, y, tau0, tau1, n_steps, float(self.module.diffusion), generator)
             else:
                 field = self.module.flow_velocity
                 for k in range(n_steps):

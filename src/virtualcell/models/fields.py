@@ -9,13 +9,15 @@ flow-matching (OT-CFM) and score-and-flow-matching (SF2M) losses on paired sampl
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from virtualcell import train
 from virtualcell.train import BadInputError
 
-__all__ = ["S_MIN", "conditional_flow", "brownian_bridge", "VelocityField", "Dynamics"]
+__all__ = ["S_MIN", "conditional_flow", "brownian_bridge", "euler_maruyama", "VelocityField", "Dynamics"]
 
 # Bridge positions are drawn from [S_MIN, 1 - S_MIN]: the bridge's flow target
 # has a (1 - 2s) / (2 s (1 - s)) factor that is singular at both ends.
@@ -106,6 +108,20 @@ def brownian_bridge(
     return x_s, u, sigma_s
 
 
+def euler_maruyama(drift, y: torch.Tensor, tau0: float, tau1: float, n_steps: int, g: float,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """A sample path of dY = drift(Y, tau) dtau + g dW from ``tau0`` to ``tau1`` (forward only).
+
+    Noise is drawn on the CPU from ``generator``, so a seed gives the same paths on every device.
+    """
+    h = (tau1 - tau0) / n_steps
+    scale = float(g) * math.sqrt(h)
+    for k in range(n_steps):
+        dw = torch.randn(y.shape, generator=generator).to(y.device)
+        y = y + h * drift(y, tau0 + k * h) + scale * dw
+    return y
+
+
 # --------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------
@@ -125,6 +141,9 @@ class VelocityField(nn.Module):
     autonomous
         If True the field does not see time: v(x) (and Phi(x)); ``t`` is
         accepted and ignored.
+    n_condition
+        Width of a condition embedding the field also takes (``cond``, one row
+        per state or one for all); 0: none (the field of one process).
     """
 
     def __init__(
@@ -135,6 +154,7 @@ class VelocityField(nn.Module):
         n_layers: int = 3,
         potential: bool = False,
         autonomous: bool = False,
+        n_condition: int = 0,
     ) -> None:
         super().__init__()
         if n_layers < 1:
@@ -142,8 +162,9 @@ class VelocityField(nn.Module):
         self.dim = int(dim)
         self.is_potential = bool(potential)
         self.is_autonomous = bool(autonomous)
+        self.n_condition = int(n_condition)
         layers: list[nn.Module] = []
-        n_in = self.dim + (0 if self.is_autonomous else 1)  # time is one extra input feature
+        n_in = self.dim + (0 if self.is_autonomous else 1) + self.n_condition  # time: one extra input
         for _ in range(n_layers):
             # SiLU, not ReLU: the potential's gradient must itself be smooth,
             # and a ReLU network's gradient is piecewise constant in x.
@@ -152,22 +173,27 @@ class VelocityField(nn.Module):
         layers.append(nn.Linear(n_in, 1 if self.is_potential else self.dim))
         self.net = nn.Sequential(*layers)
 
-    def _net_input(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        if self.is_autonomous:
-            return x
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        return torch.cat([x, t.reshape(-1, 1).expand(len(x), 1)], dim=-1)
+    def _net_input(self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None) -> torch.Tensor:
+        parts = [x]
+        if not self.is_autonomous:
+            t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+            parts.append(t.reshape(-1, 1).expand(len(x), 1))
+        if self.n_condition:
+            if cond is None:
+                raise BadInputError("this field is conditioned: pass the condition embedding (cond)")
+            parts.append(cond.reshape(-1, self.n_condition).expand(len(x), self.n_condition))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def potential(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def potential(self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Phi(x, t), shape (n,). Only for ``potential=True``."""
         if not self.is_potential:
             raise RuntimeError("this VelocityField was built with potential=False and has no potential")
-        return self.net(self._net_input(x, t)).squeeze(-1)
+        return self.net(self._net_input(x, t, cond)).squeeze(-1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        """Field at states ``x`` (n, dim) and times ``t`` (scalar or (n,))."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Field at states ``x`` (n, dim) and times ``t`` (scalar or (n,)), under condition ``cond``."""
         if not self.is_potential:
-            return self.net(self._net_input(x, t))
+            return self.net(self._net_input(x, t, cond))
         # The graph through the gradient is only kept when the caller is
         # differentiating (training); simulation under no_grad still needs
         # autograd for the gradient itself, hence enable_grad.
@@ -175,7 +201,7 @@ class VelocityField(nn.Module):
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
-            phi = self.potential(x, t)
+            phi = self.potential(x, t, cond)
             (grad,) = torch.autograd.grad(phi.sum(), x, create_graph=create_graph)
         return -grad
 
@@ -197,6 +223,9 @@ class Dynamics(nn.Module):
         Priors on the drift (:class:`VelocityField`).
     stochastic
         Build the score network and the diffusion buffer.
+    n_condition
+        Width of a condition embedding both networks take (``cond``): one
+        process per condition (:class:`virtualcell.models.perturbation.ConditionalDynamics`).
     """
 
     def __init__(
@@ -208,28 +237,31 @@ class Dynamics(nn.Module):
         potential: bool = False,
         stochastic: bool = False,
         autonomous: bool = False,
+        n_condition: int = 0,
     ) -> None:
         super().__init__()
         self.drift = VelocityField(
-            dim, n_hidden=n_hidden, n_layers=n_layers, potential=potential, autonomous=autonomous
+            dim, n_hidden=n_hidden, n_layers=n_layers, potential=potential, autonomous=autonomous,
+            n_condition=n_condition,
         )
         self.score: VelocityField | None = None
         if stochastic:
-            self.score = VelocityField(dim, n_hidden=n_hidden, n_layers=n_layers)
+            self.score = VelocityField(dim, n_hidden=n_hidden, n_layers=n_layers, n_condition=n_condition)
             self.register_buffer("diffusion", torch.tensor(1.0))
         # Weight of the kinetic-energy penalty; a training setting, set by fit.
         self.kinetic = 0.0
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The drift f (the ODE velocity of a deterministic model)."""
-        return self.drift(x, t)
+        return self.drift(x, t, cond)
 
-    def flow_velocity(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def flow_velocity(self, x: torch.Tensor, t: torch.Tensor | float,
+                      cond: torch.Tensor | None = None) -> torch.Tensor:
         """Probability-flow velocity ``f - g**2/2 s``; the drift itself for an ODE."""
-        v = self.drift(x, t)
+        v = self.drift(x, t, cond)
         if self.score is None:
             return v
-        return v - 0.5 * self.diffusion**2 * self.score(x, t)
+        return v - 0.5 * self.diffusion**2 * self.score(x, t, cond)
 
     def loss(
         self,
@@ -239,6 +271,7 @@ class Dynamics(nn.Module):
         t1: torch.Tensor,
         s: torch.Tensor,
         noise: torch.Tensor,
+        cond: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Flow-matching (ODE) or score-and-flow-matching (SDE) loss on paired samples.
 
@@ -254,6 +287,8 @@ class Dynamics(nn.Module):
         noise
             ODE: the perturbation around the straight path, already scaled by
             sigma. SDE: standard-normal draws for the Brownian bridge.
+        cond
+            A conditioned model's condition embedding of each pair, (n, n_condition).
 
         Returns
         -------
@@ -273,13 +308,13 @@ class Dynamics(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if self.score is None:
             x_s, u = conditional_flow(x0, x1, s, 1.0, noise)
-            f = self.drift(x_s, tau).float()
+            f = self.drift(x_s, tau, cond).float()
             total = torch.mean((f - u / dt) ** 2)
         else:
             g = self.diffusion
             x_s, u, sigma_s = brownian_bridge(x0, x1, s, dt, g, noise)
-            f = self.drift(x_s, tau).float()
-            score = self.score(x_s, tau).float()
+            f = self.drift(x_s, tau, cond).float()
+            score = self.score(x_s, tau, cond).float()
             terms["flow"] = torch.mean((f - 0.5 * g**2 * score.detach() - u) ** 2)
             terms["score"] = torch.mean((sigma_s * score + noise) ** 2)
             total = terms["flow"] + terms["score"]
