@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import scanpy as sc
 
 from virtualcell import perturbation as P
@@ -235,3 +236,33 @@ def test_real_cells_with_known_shifts_score_every_method_against_the_truth(scree
         g = data.gene_index[gene]
         assert predicted["model"][:, g].mean() < data.x[ctrl, g].mean() and truth.delta[g] < 0
     assert scores["model"]["pearson_delta_top20"] > scores["control"]["pearson_delta_top20"]
+
+
+def test_the_conditioned_simulator_sends_control_cells_where_each_landscape_does(data, tmp_path):
+    """The dynamic response: one SDE per condition, control cells of the first time point simulated to
+    the last under a drug's embedding: the drug that blocks differentiation keeps them progenitors."""
+    from virtualcell.models.perturbation import ConditionalDynamics
+
+    drugs = ["drug_block", "drug_tilt"]
+    ctrl = data.cells("control")
+    conds = [(data.z[ctrl], data.time[ctrl], None)]
+    conds += [(data.z[data.cells(d)], data.time[data.cells(d)], P.features(data, d, drugs=drugs)) for d in drugs]
+    n_features = len(data.pcs["scale"]) + len(drugs) + 2
+    dyn = ConditionalDynamics(len(data.pcs["scale"]), n_features, max_components=1, n_hidden=64, n_layers=2)
+    dyn.fit(conds, epochs=100, steps_per_epoch=10, batch_size=256, lr=2e-3, diffusion=1.0, device="cpu", seed=0)
+    fates = {d: P.dynamic_fates(data, dyn, d, drugs=drugs, residual=None, rollouts=3, seed=0)["dynamic"]
+             for d in drugs}
+    knn, _ = P.fate_classifier(data)
+    start = ctrl[data.time[ctrl] == data.time.min()]
+    end = dyn.simulate(data.z[np.repeat(start, 3)], t0=0, t1=float(data.time.max()), seed=0)
+    control = P._proportions(knn.predict(end), sorted(set(data.celltype)))
+    assert fates["drug_block"]["progenitor"] > control["progenitor"] + 0.3, (fates, control)
+    assert fates["drug_tilt"]["fate_A"] > control["fate_A"], (fates, control)
+    # the control has no components, so its embedding is zero; a saved model simulates the same paths
+    zero = dyn.module.embed(torch.zeros(1, 1, n_features), torch.zeros(1, 1))
+    assert torch.count_nonzero(zero) == 0
+    dyn.save(tmp_path / "dynamics.pt")
+    again = ConditionalDynamics.load(tmp_path / "dynamics.pt")
+    assert np.allclose(again.simulate(data.z[start], t0=0, t1=4, seed=1), dyn.simulate(data.z[start], t0=0, t1=4, seed=1))
+    with pytest.raises(Exception, match="forward in time"):
+        dyn.simulate(data.z[start], t0=4, t1=0)

@@ -359,13 +359,16 @@ def perturbation(data, predicted: Mapping[str, np.ndarray], half_b: np.ndarray, 
 
     ax = axes[3]
     if fate:
-        shown = [m for m in ("true", "observed", "model", "control", "linear", "additive", "ceiling") if m in fate]
+        shown = [m for m in ("true", "observed", "dynamic", "prescient", "model", "control", "linear", "additive",
+                                  "ceiling") if m in fate]
         fates = list(fate[shown[0]])
         bottom = np.zeros(len(shown))
         for f in fates:
             values = np.array([fate[m].get(f, 0.0) for m in shown])
             ax.bar(shown, values, bottom=bottom, label=f)
             bottom += values
+        # dynamic / prescient: control cells of the first time point simulated to the last (under the
+        # condition's landscape / knocked down, then the control's); the others move the last time point's cells.
         ax.set(title="fate proportions at the last time point", ylim=(0, 1))
         ax.tick_params(axis="x", rotation=30)
         ax.legend(fontsize=7)

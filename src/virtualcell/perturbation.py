@@ -20,11 +20,19 @@ at its time point); half B is the truth every method is scored against.
 A knock-down lowers its own target: the model and the linear baseline read how much from the
 training knock-downs (the median residual expression of their targets) and apply it to the
 target genes; a PCA of a few components cannot carry one gene's drop.
+
+The dynamic response (``perturb.dynamic``, datasets with a time course and cell types): a
+:class:`~virtualcell.models.perturbation.ConditionalDynamics` (one SDE per condition, trained on
+every training condition's time course) simulates the control cells of the first time point to
+the last under the held-out condition; a kNN of the control's cell types calls their fates
+(``fate.dynamic``), beside PRESCIENT's recipe (``fate.prescient``: knocked down at the start, then
+the control's dynamics) and the static model's moved cells of the last time point (``fate.model``).
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -152,8 +160,9 @@ def training_conditions(data: Data, holdout: str) -> list[str]:
     return out
 
 
-def features(data: Data, name: str, *, drugs: Sequence[str]) -> np.ndarray:
-    """One row per component: [gene embedding, drug one-hot, is_gene, is_drug].
+def features(data: Data, name: str, *, drugs: Sequence[str], flags: bool = True) -> np.ndarray:
+    """One row per component: [gene embedding, drug one-hot, is_gene, is_drug] (the two flags zero
+    with ``flags=False``: the conditioned simulator's input, where a gene is known by its embedding alone).
 
     A gene's embedding is its correlation with each of the control cells' PCs (its loadings scaled by
     the PC's sd over the gene's): scale-free, so a lowly expressed marker of a programme sits beside a
@@ -165,14 +174,14 @@ def features(data: Data, name: str, *, drugs: Sequence[str]) -> np.ndarray:
         row = np.zeros(k + len(drugs) + 2, np.float32)
         if data.kind(comp) == "gene":
             row[:k] = data.gene_correlation[:, data.gene_index[comp]]
-            row[-2] = 1.0
+            row[-2] = float(flags)
         else:
             if comp not in drugs:
                 raise InputError(f"condition '{name}': '{comp}' is not a measured gene, so it is read as a drug, and "
                                  "no training condition has it; a drug never seen cannot be predicted (it has no "
                                  "features): keep one condition with it in training")
             row[k + list(drugs).index(comp)] = 1.0
-            row[-1] = 1.0
+            row[-1] = float(flags)
         rows.append(row)
     return np.stack(rows)
 
@@ -296,29 +305,102 @@ def fate_proportions(data: Data, predict: Predictor, half_a: np.ndarray, holdout
     a kNN of the control cells' cell types at that time in the PCA space; beside the real cells' own
     labels (``observed``), half A's called like the predictions (``ceiling``) and, on the built-in data,
     the generator's true proportions (many rollouts under the condition's landscape)."""
-    from sklearn.neighbors import KNeighborsClassifier
-
-    if data.celltype is None:
-        return None
+    knn, fates = fate_classifier(data)
     t_last = data.time.max()
-    ctrl = data.cells(data.control)
-    ctrl = ctrl[data.time[ctrl] == t_last]
     real = data.cells(holdout)
     real = real[data.time[real] == t_last]
-    if len(ctrl) < 15 or len(real) == 0:
+    if knn is None or len(real) == 0:
         return None
-    knn = KNeighborsClassifier(n_neighbors=15).fit(data.z[ctrl], data.celltype[ctrl])
-    fates = sorted(set(data.celltype[ctrl]))
+    ctrl = data.cells(data.control)
+    ctrl = ctrl[data.time[ctrl] == t_last]
     moved = predict(ctrl) | {"ceiling": data.x[half_a[data.time[half_a] == t_last]]}
-    out = {}
-    for method, x in moved.items():
-        called = knn.predict(reference.project(x, data.pcs)) if len(x) else np.array([])
-        out[method] = {f: float(np.mean(called == f)) if len(called) else 0.0 for f in fates}
-    out["observed"] = {f: float(np.mean(data.celltype[real] == f)) for f in fates}
+    out = {method: _proportions(knn.predict(reference.project(x, data.pcs)) if len(x) else np.array([]), fates)
+           for method, x in moved.items()}
+    out["observed"] = _proportions(data.celltype[real], fates)
     if truth is not None and holdout in truth.get("conditions", {}):
         basins = list(truth["basins"])
         props = truth["conditions"][holdout]["fate_proportions"]
         out["true"] = {b: float(p) for b, p in zip(basins, props, strict=True)}
+    return out
+
+
+DYNAMIC_STEPS = 100  # Euler-Maruyama steps of the conditioned simulator over the observed span
+# The control's share of the conditioned simulator's pairs against all the training conditions' together:
+# its process is the base every condition's embedding moves away from (zero embedding), and it has the most cells.
+CONTROL_WEIGHT = 1.0
+
+
+def has_time_course(data: Data) -> bool:
+    """Whether the cells span >= 2 time points (the dynamic response needs a time course)."""
+    return len(np.unique(data.time)) >= 2
+
+
+def train_dynamics(data: Data, train: Sequence[str], *, drugs: Sequence[str], params: Mapping[str, Any], device: str,
+                   run, prefix: str, max_components: int = 1):
+    """The conditioned simulator (one SDE per condition, the control's embedding zero) trained on the
+    control's and the ``train`` conditions' time courses."""
+    import functools
+
+    from virtualcell.models.perturbation import ConditionalDynamics
+    from virtualcell.stages import _fit
+
+    ctrl = data.cells(data.control)
+    conds = [(data.z[ctrl], data.time[ctrl], None)]
+    conds += [(data.z[data.cells(n)], data.time[data.cells(n)], features(data, n, drugs=drugs, flags=False))
+              for n in train]
+    dyn = ConditionalDynamics(len(data.pcs["scale"]), len(data.pcs["scale"]) + len(drugs) + 2,
+                              max_components=max(max_components, *(len(components(n)) for n in train)),
+                              n_hidden=params["n_hidden"], n_layers=params["n_layers"])
+    _fit(functools.partial(dyn.fit, conds, epochs=params["dynamic_epochs"], steps_per_epoch=params["steps_per_epoch"],
+                           batch_size=2 * params["batch_size"], lr=params["lr"], diffusion=params["diffusion"],
+                           weights=[CONTROL_WEIGHT * len(train)] + [1.0] * len(train),
+                           device=device, seed=params["seed"]),
+         run=run, prefix=f"{prefix}_dynamic", checkpoint=None, every=0)
+    return dyn
+
+
+def fate_classifier(data: Data):
+    """A kNN of the control cells' cell types at the last time point, in the PCA space, and the fates
+    (None without cell types, or with fewer than 15 control cells then)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    if data.celltype is None:
+        return None, []
+    ctrl = data.cells(data.control)
+    ctrl = ctrl[data.time[ctrl] == data.time.max()]
+    if len(ctrl) < 15:
+        return None, []
+    knn = KNeighborsClassifier(n_neighbors=15).fit(data.z[ctrl], data.celltype[ctrl])
+    return knn, sorted(set(data.celltype[ctrl]))
+
+
+def _proportions(called: np.ndarray, fates: Sequence[str]) -> dict[str, float]:
+    return {f: float(np.mean(called == f)) if len(called) else 0.0 for f in fates}
+
+
+def dynamic_fates(data: Data, dyn, holdout: str, *, drugs: Sequence[str], residual: float | None,
+                  rollouts: int, seed: int) -> dict[str, dict[str, float]]:
+    """Fate proportions at the last time point of the control cells of the first one, simulated forward:
+
+    * ``dynamic``: under the held-out condition's landscape (its embedding in the conditioned simulator);
+    * ``prescient``: PRESCIENT's recipe (Yeo et al. 2021), the targets knocked down in the start
+      cells and the cells then simulated under the *control* dynamics (knock-downs only; the same
+      model with the control's embedding, so the two differ only in how the perturbation enters).
+    """
+    knn, fates = fate_classifier(data)
+    if knn is None:
+        return {}
+    t0, t1 = float(data.time.min()), float(data.time.max())
+    ctrl = data.cells(data.control)
+    start = np.repeat(ctrl[data.time[ctrl] == t0], rollouts)
+    out = {}
+    end = dyn.simulate(data.z[start], t0=t0, t1=t1, features=features(data, holdout, drugs=drugs, flags=False),
+                       n_steps=DYNAMIC_STEPS, seed=seed)
+    out["dynamic"] = _proportions(knn.predict(end), fates)
+    if residual is not None and any(data.kind(c) == "gene" for c in components(holdout)):
+        knocked = reference.project(apply_knockdown(data.x[start], data, holdout, residual), data.pcs)
+        end = dyn.simulate(knocked, t0=t0, t1=t1, features=None, n_steps=DYNAMIC_STEPS, seed=seed)
+        out["prescient"] = _proportions(knn.predict(end), fates)
     return out
 
 
@@ -384,6 +466,15 @@ def perturb(*, input: str, condition: str, control: str, output: str, model: str
             if value is not None:
                 metrics.setdefault(key, {})[method] = value
     fate = fate_proportions(data, predict, half_a, condition, _generator_truth(mdata))
+    if fate is not None and params.get("dynamic", True) and has_time_course(data):
+        # The dynamic response: the landscape under the condition, control cells simulated forward in it.
+        dyn = train_dynamics(data, train, drugs=drugs, params=params, device=device, run=run, prefix="perturb",
+                             max_components=len(components(condition)))
+        with tempfile.TemporaryDirectory() as tmp:  # MLflow's copy only: the job's files are the static model's
+            io.atomic_write(f"{tmp}/dynamics.pt", dyn.save)
+            run.log_artifact(f"{tmp}/dynamics.pt", artifact_path="models")
+        fate |= dynamic_fates(data, dyn, condition, drugs=drugs, residual=predict.residual,
+                              rollouts=params["rollouts"], seed=params["seed"])
     result = {"condition": condition, "cells": {"real_truth_half": len(half_b), "predicted": len(start),
                                                 "training_conditions": len(train)},
               "training_conditions": train, "metrics": metrics}

@@ -11,6 +11,13 @@ from its singles, and a knock-down of a gene never perturbed in training from it
 (the gene's loadings on the control cells' principal components, the gene embedding of the
 linear baselines of Ahlmann-Eltze et al. 2025). A drug has no such features: its encoding is
 learned from its own cells (a one-hot), so a drug never seen cannot be predicted.
+
+:class:`ConditionalDynamics` is the *dynamic* response: one stochastic process per condition,
+``dX = f(X, t | condition) dt + g dW``, learned by score and flow matching (SF2M, as
+:class:`~virtualcell.models.dynamics.Simulator` is) from each condition's own time course, with
+the same composable condition embedding (the control's is zero: no components). Control cells
+at the first time point, simulated forward under a held-out condition's embedding, show where
+the landscape under that condition sends them.
 """
 
 from __future__ import annotations
@@ -26,19 +33,20 @@ from torch import nn
 from virtualcell import train
 from virtualcell.models._base import BaseModel, as_float_array
 from virtualcell.models.couplings import exact_plan, squared_cost
-from virtualcell.models.fields import conditional_flow
+from virtualcell.models.couplings import entropic_plan
+from virtualcell.models.fields import S_MIN, Dynamics, conditional_flow, euler_maruyama
 from virtualcell.train import BadInputError
 
-__all__ = ["ConditionalFlow", "ConditionField"]
+__all__ = ["ConditionalFlow", "ConditionField", "ConditionalDynamics", "ConditionDynamics"]
 
 
-def _mlp(n_in: int, n_hidden: int, n_out: int, n_layers: int) -> nn.Sequential:
+def _mlp(n_in: int, n_hidden: int, n_out: int, n_layers: int, *, bias: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = []
     width = n_in
     for _ in range(n_layers):
-        layers += [nn.Linear(width, n_hidden), nn.SiLU()]
+        layers += [nn.Linear(width, n_hidden, bias=bias), nn.SiLU()]
         width = n_hidden
-    layers.append(nn.Linear(width, n_out))
+    layers.append(nn.Linear(width, n_out, bias=bias))
     return nn.Sequential(*layers)
 
 
@@ -86,6 +94,21 @@ def _pairs(x0: np.ndarray, x1: np.ndarray, group0: np.ndarray, group1: np.ndarra
     return np.concatenate(i_all), np.concatenate(j_all), np.concatenate(w_all)
 
 
+def _pad_components(features: np.ndarray | None, *, n_features: int, max_components: int) -> tuple[np.ndarray, ...]:
+    """A condition's component features padded to ``max_components`` rows, and the mask of real rows
+    (``None``, the control: no components, so its embedding is zero)."""
+    padded = np.zeros((max_components, n_features), np.float32)
+    mask = np.zeros(max_components, np.float32)
+    if features is None:
+        return padded, mask
+    f = as_float_array(features, name="features", n_cols=n_features)
+    if not 1 <= len(f) <= max_components:
+        raise BadInputError(f"a condition has 1 to {max_components} components; got {len(f)}")
+    padded[: len(f)] = f
+    mask[: len(f)] = 1.0
+    return padded, mask
+
+
 class ConditionalFlow(BaseModel):
     """User-facing conditional flow: fit on control and perturbed cells, predict a condition's cells.
 
@@ -110,14 +133,10 @@ class ConditionalFlow(BaseModel):
             return self._module_cls(**kwargs)
 
     def _components(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        f = as_float_array(features, name="features", n_cols=self.init_kwargs["n_features"])
-        if not 1 <= len(f) <= self.max_components:
-            raise BadInputError(f"a condition has 1 to {self.max_components} components; got {len(f)}")
-        padded = np.zeros((self.max_components, f.shape[1]), np.float32)
-        padded[: len(f)] = f
-        mask = np.zeros(self.max_components, np.float32)
-        mask[: len(f)] = 1.0
-        return padded, mask
+        if features is None:
+            raise BadInputError("a condition needs its component features (the control is the start, not a target)")
+        return _pad_components(features, n_features=self.init_kwargs["n_features"],
+                               max_components=self.max_components)
 
     def fit(self, x_control, t_control, conditions: Sequence[tuple[Any, Any, Any]], *, epochs: int = 200,
             steps_per_epoch: int = 20, batch_size: int = 256, lr: float = 1e-3, device: str = "auto", seed: int = 0,
@@ -187,3 +206,174 @@ class ConditionalFlow(BaseModel):
             s = torch.full((len(x),), k * ds, device=dev)
             x += ds * self.module(x, s, t, emb)
         return x.cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# The dynamic response: one SDE per condition
+# ------------------------------------------------------------------------------------------------
+
+
+class ConditionDynamics(nn.Module):
+    """A condition encoder (summed over components) and the drift + score of :class:`Dynamics` given it.
+
+    The encoder has no biases (and SiLU(0) = 0), so a component whose features are all zero, a
+    gene unrelated to every programme of the control cells, has the control's embedding: the prior
+    that a knock-down reshapes the landscape only through the programme its gene belongs to.
+    """
+
+    def __init__(self, n_dims: int, n_features: int, *, n_embed: int = 32, n_hidden: int = 128,
+                 n_layers: int = 3) -> None:
+        super().__init__()
+        self.encoder = _mlp(n_features, n_hidden, n_embed, 2, bias=False)
+        self.dynamics = Dynamics(n_dims, n_hidden=n_hidden, n_layers=n_layers, stochastic=True, n_condition=n_embed)
+
+    def embed(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (self.encoder(features) * mask.unsqueeze(-1)).sum(1)
+
+    def loss(self, x0, x1, t0, t1, s, noise, features, mask) -> dict[str, torch.Tensor]:
+        return self.dynamics.loss(x0, x1, t0, t1, s, noise, cond=self.embed(features, mask))
+
+
+_SHIFT, _SCALE, _T_MAX = "x_shift", "x_scale", "t_max"
+
+
+class ConditionalDynamics(BaseModel):
+    """User-facing conditioned simulator: fit on each condition's time course, simulate any condition.
+
+    States are centred and divided by one isotropic scale (RMS 1) and time by the last observed
+    time (so ``t = 0`` is the start of every condition's process), as :class:`Simulator` does;
+    methods take and return real units.
+
+    Examples
+    --------
+    >>> dyn = ConditionalDynamics(n_dims=20, n_features=23, max_components=2)
+    >>> dyn.fit([(x_ctrl, t_ctrl, None), (x_a, t_a, feats_a), (x_b, t_b, feats_b)], epochs=60)
+    >>> x_end = dyn.simulate(x_ctrl[t_ctrl == 0], t0=0, t1=5, features=feats_new, seed=0)
+    """
+
+    _module_cls = ConditionDynamics
+
+    def __init__(self, n_dims: int, n_features: int, max_components: int = 2, **module_kwargs) -> None:
+        self.max_components = int(max_components)
+        super().__init__(n_dims=int(n_dims), n_features=int(n_features), **module_kwargs)
+        self.init_kwargs["max_components"] = self.max_components
+        self._scaling: dict[str, torch.Tensor] = {}
+
+    def _build_module(self, *, seed: int) -> nn.Module:
+        kwargs = {k: v for k, v in self.init_kwargs.items() if k != "max_components"}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._module_cls(**kwargs)
+
+    def _extra_state(self) -> dict[str, torch.Tensor]:
+        return dict(self._scaling)
+
+    def _load_extra_state(self, extra: dict[str, torch.Tensor]) -> None:
+        self._scaling = {k: v.double() for k, v in extra.items()}
+
+    def _to_state(self, x: np.ndarray) -> torch.Tensor:
+        y = (torch.as_tensor(x, dtype=torch.float64) - self._scaling[_SHIFT]) / self._scaling[_SCALE]
+        return y.float()
+
+    def _pad(self, features) -> tuple[np.ndarray, np.ndarray]:
+        return _pad_components(features, n_features=self.init_kwargs["n_features"],
+                               max_components=self.max_components)
+
+    def fit(self, conditions: Sequence[tuple[Any, Any, Any]], *, epochs: int = 60, steps_per_epoch: int = 20,
+            batch_size: int = 512, lr: float = 1e-3, diffusion: float = 1.0, weights: Sequence[float] | None = None,
+            device: str = "auto", seed: int = 0,
+            on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+            checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 0) -> list[dict[str, float]]:
+        """Train on each condition's (states, times, component features or None for the control).
+
+        Within each condition, consecutive observed time points are coupled by the entropic OT plan
+        of regularisation ``2 g**2 dt`` (the Schroedinger bridge of Brownian motion of diffusion
+        ``g``, in standardised units), and pairs are drawn from the plans so that every condition
+        weighs the same, whatever its cell count.
+        """
+        n = self.init_kwargs["n_dims"]
+        if not conditions:
+            raise BadInputError("the conditioned simulator needs at least one condition's time course")
+        if not (np.isfinite(diffusion) and diffusion > 0):
+            raise BadInputError(f"diffusion must be a finite number > 0; got {diffusion}")
+        weights = np.ones(len(conditions)) if weights is None else np.asarray(weights, np.float64)
+        if weights.shape != (len(conditions),) or not (weights > 0).all():
+            raise BadInputError(f"weights: one number > 0 per condition ({len(conditions)}); got {weights.tolist()}")
+        parts = [(as_float_array(x, name=f"condition {c} states", n_cols=n), np.asarray(t, np.float64).reshape(-1), f)
+                 for c, (x, t, f) in enumerate(conditions)]
+        every = np.concatenate([x for x, _, _ in parts]).astype(np.float64)
+        shift = every.mean(0)
+        scale = float(np.sqrt(((every - shift) ** 2).mean())) or 1.0
+        t_max = float(max(t.max() for _, t, _ in parts)) or 1.0
+        self._scaling = {_SHIFT: torch.from_numpy(shift), _SCALE: torch.tensor(scale, dtype=torch.float64),
+                         _T_MAX: torch.tensor(t_max, dtype=torch.float64)}
+        self._prepare_fit(seed)
+        self.module.dynamics.diffusion.fill_(float(diffusion))
+        dev = train.resolve_device(device)
+        states, cols = [], {"i": [], "j": [], "c": [], "t0": [], "t1": [], "w": []}
+        feats, masks = [], []
+        offset = 0
+        for c, (x, t, f) in enumerate(parts):
+            if len(t) != len(x):
+                raise BadInputError(f"condition {c}: {len(t)} times for {len(x)} cells")
+            y = self._to_state(x)
+            times = np.unique(t)
+            if len(times) < 2:
+                raise BadInputError(f"condition {c} has cells at {len(times)} time point(s); a time course needs >= 2")
+            for a_t, b_t in zip(times[:-1], times[1:], strict=True):
+                a, b = np.flatnonzero(t == a_t), np.flatnonzero(t == b_t)
+                dtau = (b_t - a_t) / t_max
+                plan = entropic_plan(squared_cost(y[a], y[b]), 2.0 * diffusion**2 * dtau).numpy()
+                i, j = np.nonzero(plan > 1e-9 * plan.max())
+                cols["i"].append(a[i] + offset)
+                cols["j"].append(b[j] + offset)
+                cols["c"].append(np.full(len(i), c))
+                cols["t0"].append(np.full(len(i), a_t / t_max))
+                cols["t1"].append(np.full(len(i), b_t / t_max))
+                w = plan[i, j]
+                cols["w"].append(weights[c] * w / w.sum() / (len(times) - 1))  # mass weights[c] over its intervals
+            padded, mask = self._pad(f)
+            feats.append(padded)
+            masks.append(mask)
+            states.append(y)
+            offset += len(x)
+        y_all = torch.cat(states).to(dev)
+        f_all, m_all = (torch.as_tensor(np.stack(v), device=dev) for v in (feats, masks))
+        pi, pj, pc = (torch.as_tensor(np.concatenate(cols[k])) for k in ("i", "j", "c"))
+        pt0, pt1 = (torch.as_tensor(np.concatenate(cols[k]), dtype=torch.float32) for k in ("t0", "t1"))
+        weights = torch.as_tensor(np.concatenate(cols["w"]))
+
+        def batches(epoch: int, generator: torch.Generator):
+            for _ in range(steps_per_epoch):
+                k = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+                s = S_MIN + (1.0 - 2.0 * S_MIN) * torch.rand(batch_size, generator=generator)
+                noise = torch.randn(batch_size, n, generator=generator)
+                c = pc[k].to(dev)
+                yield (y_all[pi[k].to(dev)], y_all[pj[k].to(dev)], pt0[k].to(dev), pt1[k].to(dev), s.to(dev),
+                       noise.to(dev), f_all[c], m_all[c])
+
+        return self._train(batches, epochs=epochs, lr=lr, weight_decay=1e-4, device=dev, seed=seed, on_epoch=on_epoch,
+                           checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
+
+    @torch.no_grad()
+    def simulate(self, x0, *, t0: float, t1: float, features=None, n_steps: int = 100,
+                 seed: int | None = None) -> np.ndarray:
+        """States at ``t1`` of cells at ``t0`` under a condition (component features; ``None`` = the
+        control), one Euler-Maruyama sample path each; the same seed gives the same paths."""
+        self._require_fitted("simulate")
+        if t1 < t0:
+            raise BadInputError(f"the conditioned simulator runs forward in time only (t0={t0}, t1={t1})")
+        if n_steps < 1:
+            raise BadInputError(f"n_steps must be >= 1; got {n_steps}")
+        x0 = as_float_array(x0, name="x0", n_cols=self.init_kwargs["n_dims"])
+        self.module.eval()
+        dev = self.device
+        padded, mask = self._pad(features)
+        emb = self.module.embed(torch.as_tensor(padded, device=dev)[None], torch.as_tensor(mask, device=dev)[None])
+        dyn = self.module.dynamics
+        t_max = float(self._scaling[_T_MAX])
+        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        y = euler_maruyama(lambda y, tau: dyn(y, tau, emb), self._to_state(x0).to(dev), t0 / t_max, t1 / t_max,
+                           n_steps, float(dyn.diffusion), generator)
+        x = y.cpu().double() * self._scaling[_SCALE] + self._scaling[_SHIFT]
+        return x.float().numpy()
