@@ -250,14 +250,18 @@ def test_the_conditioned_simulator_sends_control_cells_where_each_landscape_does
     n_features = len(data.pcs["scale"]) + len(drugs) + 2
     dyn = ConditionalDynamics(len(data.pcs["scale"]), n_features, max_components=1, n_hidden=64, n_layers=2)
     dyn.fit(conds, epochs=100, steps_per_epoch=10, batch_size=256, lr=2e-3, diffusion=1.0, device="cpu", seed=0)
-    fates = {d: P.dynamic_fates(data, dyn, d, drugs=drugs, residual=None, rollouts=3, seed=0)["dynamic"]
-             for d in drugs}
-    knn, _ = P.fate_classifier(data)
+    answers = {d: P.dynamic_fates(data, dyn, d, drugs=drugs, residual=None, rollouts=3, seed=0) for d in drugs}
+    fates = {d: a["dynamic_raw"] for d, a in answers.items()}
+    knn, names = P.fate_classifier(data)
     start = ctrl[data.time[ctrl] == data.time.min()]
     end = dyn.simulate(data.z[np.repeat(start, 3)], t0=0, t1=float(data.time.max()), seed=0)
-    control = P._proportions(knn.predict(end), sorted(set(data.celltype)))
+    control = P._proportions(knn.predict(end), names)
     assert fates["drug_block"]["progenitor"] > control["progenitor"] + 0.3, (fates, control)
     assert fates["drug_tilt"]["fate_A"] > control["fate_A"], (fates, control)
+    # the reported answer is that shift from the control simulation, added to the control's real proportions
+    real = P._proportions(knn.predict(data.z[ctrl[data.time[ctrl] == data.time.max()]]), names)
+    block = answers["drug_block"]["dynamic"]
+    assert abs(sum(block.values()) - 1) < 1e-9 and block["progenitor"] > real["progenitor"] + 0.15
     # the control has no components, so its embedding is zero; a saved model simulates the same paths
     zero = dyn.module.embed(torch.zeros(1, 1, n_features), torch.zeros(1, 1))
     assert torch.count_nonzero(zero) == 0

@@ -306,7 +306,7 @@ def test_predict_command_writes_an_h5ad(workflow_run, raw_cells, tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'logs.h5ad'}: values are not whole")
     assert not (tmp_path / "never.h5ad").exists()
     # what if: the cells under a drug that blocks differentiation stay progenitors more often than under the
-    # control (the same path: rollouts under control, moved to the condition at the last time point)
+    # control (rollouts of the dynamic model under each condition's landscape)
     fates = {}
     for condition in ("control", "drug_block"):
         done = predict("cells.h5ad", f"{condition}.h5ad", "--condition", condition, "--n-rollouts", "3")

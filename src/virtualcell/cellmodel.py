@@ -279,25 +279,46 @@ class VirtualCell:
         return self.perturbation
 
     def fates_under(self, states: np.ndarray, condition: str, *, t_start: float, n_rollouts: int, n_steps: int,
-                    seed: int, sample: bool = True) -> np.ndarray:
-        """Fate probabilities under ``condition``: rollouts under control to the last observed time, each end
-        state decoded to genes and moved to the condition there (:mod:`virtualcell.perturbmap`), then called
-        by the control cells' types at that time."""
+                    seed: int, sample: bool = True, observed: np.ndarray | None = None) -> np.ndarray:
+        """Fate probabilities under ``condition``, called by the control cells' types at the last observed time.
+
+        With the dynamic model: each cell's fates under control (:meth:`fates`, the simulator's) plus
+        the shift the dynamic model simulates, from rollouts of the cells' expression (``observed``)
+        under the condition's landscape against the same rollouts (same noise) under the control's,
+        clipped at 0 and renormalised: as the perturb jobs score it, so the dynamic model's own bias in
+        reproducing the control cancels. Without it, rollouts under control, each end state decoded to
+        genes and moved to the condition there (:mod:`virtualcell.perturbmap`)."""
         pmap = self._perturbation(condition)
         t_end = float(self.times[-1])
-        rollouts = n_rollouts if self.simulator.stochastic and t_start < t_end else 1
+        dynamic = pmap.dynamics is not None and observed is not None
+        rollouts = n_rollouts if (dynamic or self.simulator.stochastic) and t_start < t_end else 1
         index = {f: i for i, f in enumerate(self.fate_names)}
-        out = np.zeros((len(states), len(self.fate_names)))
-        for r in range(rollouts):
-            end = self.simulate(states, t_start=t_start, horizon=max(t_end - t_start, 0.0), seed=seed + r,
-                                n_steps=n_steps)
-            genes = pmap.apply(self.expression(end, sample=sample, seed=seed + r), self.output_genes, t=t_end,
-                               condition=condition)
+
+        def called(genes: np.ndarray) -> np.ndarray:
             names, probs = pmap.fates(genes, self.output_genes)
+            out = np.zeros((len(genes), len(self.fate_names)))
             for j, name in enumerate(names):
                 if name in index:
-                    out[:, index[name]] += probs[:, j]
-        return out / rollouts
+                    out[:, index[name]] = probs[:, j]
+            return out
+
+        out = np.zeros((len(states), len(self.fate_names)))
+        for r in range(rollouts):
+            if dynamic:
+                for sign, name in ((1.0, condition), (-1.0, pmap.control)):
+                    out += sign * called(pmap.simulate(observed, self.output_genes, t0=t_start,
+                                                       t1=max(t_end, t_start), condition=name, seed=seed + r))
+            else:
+                end = self.simulate(states, t_start=t_start, horizon=max(t_end - t_start, 0.0), seed=seed + r,
+                                    n_steps=n_steps)
+                out += called(pmap.apply(self.expression(end, sample=sample, seed=seed + r), self.output_genes,
+                                         t=t_end, condition=condition))
+        out /= rollouts
+        if dynamic:
+            out = np.clip(self.fates(states, t_start=t_start, n_rollouts=n_rollouts, n_steps=n_steps, seed=seed)
+                          + out, 0.0, None)
+            out /= np.maximum(out.sum(axis=1, keepdims=True), 1e-12)
+        return out
 
     def predict(self, values: Any, genes: list[str], *, horizon: float, t_start: float | None = None,
                 seed: int = 0, n_rollouts: int | None = None, n_steps: int | None = None,
@@ -325,10 +346,13 @@ class VirtualCell:
             under-dispersed (on the test config their pca5 W1 to the real cells is 1.3x the sample's).
         condition
             "What if": the cells under a condition (a knock-down of any of the model's genes, ``GeneA+GeneB``,
-            or a drug it was trained on) rather than the control. The simulated cells are the control
-            simulation moved to the condition at ``t_start + horizon``, and the fates those of the
-            rollouts moved to it at the last time: cells as if under the condition since the first
-            time point, as the training cells were (:mod:`virtualcell.perturbmap`).
+            or a drug it was trained on) rather than the control. With the dynamic perturbation model
+            (``perturb.dynamic``, the default), the cells' expression is simulated forward under the
+            condition's landscape (from ``t_start``: the condition starts acting now) and the fates are
+            those rollouts' at the last time; ``end`` stays the control simulation's states. Without
+            it, the control simulation moved to the condition at ``t_start + horizon``: cells as if
+            under the condition since the first time point, as the training cells were
+            (:mod:`virtualcell.perturbmap`).
         """
         t_start = float(self.times[0] if t_start is None else t_start)
         matched, n_missing, n_ignored = self.match_genes(values, genes)
@@ -339,10 +363,14 @@ class VirtualCell:
         n_rollouts = n_rollouts or int(self.meta["n_rollouts"])
         expression = np.asarray(self.expression(end, sample=sample, seed=seed))
         if condition:
-            expression = self._perturbation(condition).apply(expression, self.output_genes, t=t_start + horizon,
-                                                             condition=condition)
+            pmap = self._perturbation(condition)
+            if pmap.dynamics is not None:
+                expression = pmap.simulate(observed, self.output_genes, t0=t_start, t1=t_start + horizon,
+                                           condition=condition, seed=seed)
+            else:
+                expression = pmap.apply(expression, self.output_genes, t=t_start + horizon, condition=condition)
             fates = self.fates_under(start, condition, t_start=t_start, n_rollouts=n_rollouts, n_steps=n_steps,
-                                     seed=seed, sample=sample)
+                                     seed=seed, sample=sample, observed=observed)
         else:
             fates = self.fates(start, t_start=t_start, n_rollouts=n_rollouts, n_steps=n_steps, seed=seed)
         return Prediction(genes=self.output_genes, expression=expression,
@@ -353,7 +381,7 @@ class VirtualCell:
 
 def write_bundle(directory: str | Path, *, shared: Any, simulator: str, encoder: str | None, aligner: str | None,
                  decoder: str | None, space: str, n_steps: int, n_rollouts: int, seed: int,
-                 predictor: str | None = None, perturbation: tuple[str, str] | None = None) -> Path:
+                 predictor: str | None = None, perturbation: tuple[str, ...] | None = None) -> Path:
     """Gather what a :class:`VirtualCell` needs from the pipeline's files into ``directory``.
 
     ``shared`` is the state file the simulator was trained on (AnnData: obs ``time`` and, when
@@ -401,9 +429,9 @@ def write_bundle(directory: str | Path, *, shared: Any, simulator: str, encoder:
              PREDICTOR: predictor if state_name == "shared" else None,
              DECODER: decoder if state_name != reference.SPACE else None}
     if perturbation:
-        from virtualcell.perturbmap import MAP, MODEL
+        from virtualcell.perturbmap import DYNAMICS, MAP, MODEL
 
-        files |= {MODEL: perturbation[0], MAP: perturbation[1]}
+        files |= dict(zip((MODEL, MAP, DYNAMICS), perturbation))
     for name, path in files.items():
         if path:
             (directory / name).write_bytes(Path(path).read_bytes())

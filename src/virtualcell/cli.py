@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--map", required=False, default=None,
          help="without --condition: perturb/map.npz, what the virtual cell needs to move cells to a condition")
     _add(p, "--model", help="perturb/<condition>/model.pt to write (perturb/model.pt without --condition)")
+    _add(p, "--dynamics", required=False, default=None,
+         help="without --condition: perturb/dynamics.pt, the dynamic model (every condition's time course)")
     _add(p, "--cells", required=False, default=None,
          help="perturb/<condition>/predicted.h5ad: the model's predicted cells (log expression)")
     _add(p, "--figure", required=False, default=None, help="the response figure (.png)")
@@ -182,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--predictor", required=False, default=None,
          help="align's predictor.pt (aligned datasets): the partner's embedding and values from RNA alone")
     _add(p, "--decoder", required=False, default=None, help="decode's decoder.pt (simulate.space: embedding)")
-    _add(p, "--perturbation", nargs=2, required=False, default=None, metavar=("MODEL", "MAP"),
-         help="perturb_model's model.pt and map.npz (datasets with conditions): the virtual cell's 'what if'")
+    _add(p, "--perturbation", nargs="+", required=False, default=None, metavar="FILE",
+         help="perturb_model's model.pt, map.npz and (perturb.dynamic) dynamics.pt, in that order (datasets "
+              "with conditions): the virtual cell's 'what if'")
     _add(p, "--metrics", help="evaluate's metrics.json (the numbers the model was judged by)")
     _add(p, "--output", help="report/model.json to write: the model's URI, its space and genes")
     _add(p, "--summary", help="report/summary.tsv to write: every headline number beside its baselines")
@@ -267,10 +270,11 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
         if not args.map:
             raise InputError("perturb: pass --condition (a held-out condition to score) or --map (train on every "
                              "condition for the virtual cell)")
-        return ("perturb", [args.input], [args.model, args.map], wildcards,
+        return ("perturb", [args.input], [args.model, args.map] + ([args.dynamics] if args.dynamics else []),
+                wildcards,
                 lambda p, run: perturbmap.perturb_model(input=args.input, control=args.control, model=args.model,
                                                         output=args.map, params=p, device=device, run=run,
-                                                        min_cells=args.min_cells))
+                                                        min_cells=args.min_cells, dynamics=args.dynamics))
     if args.stage == "perturb":
         from virtualcell import perturbation
 
@@ -322,9 +326,12 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
                                                decoder=args.decoder, embedding_figure=args.embedding_figure,
                                                alignment_figure=args.alignment_figure,
                                                prediction_figure=args.prediction_figure,
-                                               perturbations=args.perturbation))
+                                               perturbations=args.perturbation, threads=args.threads or 1))
     if args.stage == "report":
         from virtualcell import report
+
+        if args.perturbation and len(args.perturbation) not in (2, 3):
+            raise InputError(f"report --perturbation: MODEL MAP [DYNAMICS]; got {len(args.perturbation)} files")
 
         models = [f for f in (args.encoder, args.aligner, args.predictor, args.decoder, *(args.perturbation or []))
                   if f]

@@ -164,51 +164,79 @@ def fates(coords: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None, n
 UMAP_MAX_CELLS = 4000
 
 
-def embeddings(data, *, spaces: Mapping[str, str], partner: Mapping[str, str] | None = None, seed: int = 0):
-    """UMAPs (scanpy) of each embedding, coloured by time, cell type and batch (the obs columns present).
+def embedding_inputs(data, *, spaces: Mapping[str, str], partner: Mapping[str, str] | None = None,
+                     seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays :func:`embeddings` lays out (an obsm key each, and ``MODALITIES`` for both partners'
+    shared embeddings together), subsampled to ``UMAP_MAX_CELLS``, and what drawing them needs."""
+    rng = np.random.default_rng(seed)
+    cells = np.sort(rng.choice(data.n_obs, size=min(UMAP_MAX_CELLS, data.n_obs), replace=False))
+    arrays = {key: np.asarray(data.obsm[key])[cells] for key in spaces.values() if key in data.obsm}
+    drawn: dict[str, Any] = {"cells": cells}
+    if partner:
+        names = list(partner)
+        half = np.sort(cells[:: max(1, -(-len(cells) * len(names) // UMAP_MAX_CELLS))])  # both fit the cap
+        arrays[MODALITIES] = np.concatenate([np.asarray(data.obsm[partner[n]])[half] for n in names])
+        drawn["modality"] = np.repeat(names, len(half))
+    return arrays, drawn
 
-    ``spaces`` maps a title to an obsm key; ``partner`` (``{"RNA": key, "protein": key}``) adds one
-    UMAP of both modalities' shared embeddings together, coloured by modality: where alignment
-    worked, the two are mixed.
+
+MODALITIES = "modalities"  # embedding_inputs' key of both modalities' shared embeddings together
+
+
+def embedding_layouts(arrays: Mapping[str, np.ndarray], *, seed: int = 0) -> dict[str, np.ndarray]:
+    """A 2-D UMAP (scanpy: 15-neighbour graph, then the layout) of each array (cells x dims).
+
+    Importing umap and compiling its numba kernels takes ~30 s of one core in a fresh process;
+    evaluate runs this in a second process while it scores the simulators (:mod:`virtualcell.stages`).
     """
     import anndata as ad
     import pandas as pd
     import scanpy as sc
 
+    out = {}
+    for name, x in arrays.items():
+        view = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(x))]), obsm={"X_emb": np.asarray(x)})
+        sc.pp.neighbors(view, use_rep="X_emb", n_neighbors=15, random_state=seed)
+        sc.tl.umap(view, random_state=seed)
+        out[name] = np.asarray(view.obsm["X_umap"])
+    return out
+
+
+def embeddings(data, *, spaces: Mapping[str, str], partner: Mapping[str, str] | None = None, seed: int = 0,
+               layouts: Mapping[str, np.ndarray] | None = None):
+    """UMAPs (scanpy) of each embedding, coloured by time, cell type and batch (the obs columns present).
+
+    ``spaces`` maps a title to an obsm key; ``partner`` (``{"RNA": key, "protein": key}``) adds one
+    UMAP of both modalities' shared embeddings together, coloured by modality: where alignment
+    worked, the two are mixed. ``layouts``: :func:`embedding_layouts` of :func:`embedding_inputs`
+    (the same arguments), computed elsewhere; by default here.
+    """
+    import pandas as pd
+
     plt = pyplot()
     rng = np.random.default_rng(seed)
-    cells = np.sort(rng.choice(data.n_obs, size=min(UMAP_MAX_CELLS, data.n_obs), replace=False))
+    arrays, drawn = embedding_inputs(data, spaces=spaces, partner=partner, seed=seed)
+    if layouts is None:
+        layouts = embedding_layouts(arrays, seed=seed)
+    obs = data.obs.iloc[drawn["cells"]]
     colours = [c for c in ("time", "celltype", "batch") if c in data.obs]
     panels = []
     for title, key in spaces.items():
         if key in data.obsm:
             panels += [(title, key, c) for c in colours or [None]]
     if partner:
-        panels.append(("shared, both modalities", None, "modality"))
+        panels.append(("shared, both modalities", MODALITIES, "modality"))
     cols = max(1, len(colours))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    layouts: dict[str, ad.AnnData] = {}
     for ax, (title, key, colour) in zip(axes.ravel(), panels, strict=False):
+        xy = layouts[key]
         if colour == "modality":
-            names = list(partner)
-            half = np.sort(cells[:: max(1, -(-len(cells) * len(names) // UMAP_MAX_CELLS))])  # both fit the cap
-            x = np.concatenate([np.asarray(data.obsm[partner[n]])[half] for n in names])
-            obs = pd.DataFrame({"modality": pd.Categorical(np.repeat(names, len(half)))},
-                               index=[f"{i}" for i in range(len(x))])
-            view = ad.AnnData(obs=obs, obsm={"X_emb": x})
+            values = pd.Series(pd.Categorical(drawn["modality"]))
         else:
-            if key not in layouts:
-                layouts[key] = ad.AnnData(obs=data.obs.iloc[cells].copy(),
-                                          obsm={"X_emb": np.asarray(data.obsm[key])[cells]})
-            view = layouts[key]
-        if "X_umap" not in view.obsm:
-            sc.pp.neighbors(view, use_rep="X_emb", n_neighbors=15, random_state=seed)
-            sc.tl.umap(view, random_state=seed)
-        xy = view.obsm["X_umap"]
-        values = view.obs[colour] if colour else None
+            values = obs[colour] if colour else None
         ax.axis("on")
         if values is None:
             ax.scatter(xy[:, 0], xy[:, 1], s=2, c="0.4")
@@ -359,8 +387,8 @@ def perturbation(data, predicted: Mapping[str, np.ndarray], half_b: np.ndarray, 
 
     ax = axes[3]
     if fate:
-        shown = [m for m in ("true", "observed", "dynamic", "prescient", "model", "control", "linear", "additive",
-                                  "ceiling") if m in fate]
+        shown = [m for m in ("true", "observed", "dynamic", "dynamic_raw", "prescient", "model", "control", "linear",
+                                  "additive", "ceiling") if m in fate]
         fates = list(fate[shown[0]])
         bottom = np.zeros(len(shown))
         for f in fates:

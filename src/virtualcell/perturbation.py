@@ -344,16 +344,23 @@ def train_dynamics(data: Data, train: Sequence[str], *, drugs: Sequence[str], pa
     from virtualcell.models.perturbation import ConditionalDynamics
     from virtualcell.stages import _fit
 
+    from virtualcell.stages import say
+
     ctrl = data.cells(data.control)
     conds = [(data.z[ctrl], data.time[ctrl], None)]
+    single = [n for n in train if len(np.unique(data.time[data.cells(n)])) < 2]
+    if single:
+        say(f"{prefix}: the dynamic model leaves out {len(single)} condition(s) observed at one time point only "
+            f"({', '.join(single[:5])}{', ...' if len(single) > 5 else ''}): a time course needs >= 2")
+    train = [n for n in train if n not in single]
     conds += [(data.z[data.cells(n)], data.time[data.cells(n)], features(data, n, drugs=drugs, flags=False))
               for n in train]
     dyn = ConditionalDynamics(len(data.pcs["scale"]), len(data.pcs["scale"]) + len(drugs) + 2,
-                              max_components=max(max_components, *(len(components(n)) for n in train)),
+                              max_components=max([max_components, *(len(components(n)) for n in train)]),
                               n_hidden=params["n_hidden"], n_layers=params["n_layers"])
     _fit(functools.partial(dyn.fit, conds, epochs=params["dynamic_epochs"], steps_per_epoch=params["steps_per_epoch"],
-                           batch_size=2 * params["batch_size"], lr=params["lr"], diffusion=params["diffusion"],
-                           weights=[CONTROL_WEIGHT * len(train)] + [1.0] * len(train),
+                           batch_size=params["batch_size"], lr=params["lr"], diffusion=params["diffusion"],
+                           weights=[CONTROL_WEIGHT * max(len(train), 1)] + [1.0] * len(train),
                            device=device, seed=params["seed"]),
          run=run, prefix=f"{prefix}_dynamic", checkpoint=None, every=0)
     return dyn
@@ -380,12 +387,20 @@ def _proportions(called: np.ndarray, fates: Sequence[str]) -> dict[str, float]:
 
 def dynamic_fates(data: Data, dyn, holdout: str, *, drugs: Sequence[str], residual: float | None,
                   rollouts: int, seed: int) -> dict[str, dict[str, float]]:
-    """Fate proportions at the last time point of the control cells of the first one, simulated forward:
+    """Fate proportions at the last time point from the control cells of the first one, simulated forward.
 
-    * ``dynamic``: under the held-out condition's landscape (its embedding in the conditioned simulator);
-    * ``prescient``: PRESCIENT's recipe (Yeo et al. 2021), the targets knocked down in the start
-      cells and the cells then simulated under the *control* dynamics (knock-downs only; the same
-      model with the control's embedding, so the two differ only in how the perturbation enters).
+    The simulated *shift* from the control's own simulation is what the model predicts: it is added
+    to the control's proportions at the last time point (its real cells, called by the same kNN), so
+    the simulator's own bias in reproducing the control (the same in both simulations) cancels:
+
+    * ``dynamic``: the shift of a simulation under the held-out condition's landscape (its embedding
+      in the conditioned simulator); ``dynamic_raw``: that simulation's proportions themselves;
+    * ``prescient``: the shift by PRESCIENT's recipe (Yeo et al. 2021), the targets knocked down in
+      the start cells and the cells then simulated under the *control* dynamics (knock-downs only;
+      the same model with the control's embedding, so the two differ only in how the perturbation
+      enters).
+
+    Every simulation starts from the same cells with the same seed (the same noise).
     """
     knn, fates = fate_classifier(data)
     if knn is None:
@@ -393,15 +408,27 @@ def dynamic_fates(data: Data, dyn, holdout: str, *, drugs: Sequence[str], residu
     t0, t1 = float(data.time.min()), float(data.time.max())
     ctrl = data.cells(data.control)
     start = np.repeat(ctrl[data.time[ctrl] == t0], rollouts)
-    out = {}
-    end = dyn.simulate(data.z[start], t0=t0, t1=t1, features=features(data, holdout, drugs=drugs, flags=False),
-                       n_steps=DYNAMIC_STEPS, seed=seed)
-    out["dynamic"] = _proportions(knn.predict(end), fates)
+    control = _proportions(knn.predict(data.z[ctrl[data.time[ctrl] == t1]]), fates)
+
+    def simulated(x0: np.ndarray, feats: np.ndarray | None) -> dict[str, float]:
+        end = dyn.simulate(x0, t0=t0, t1=t1, features=feats, n_steps=DYNAMIC_STEPS, seed=seed)
+        return _proportions(knn.predict(end), fates)
+
+    base = simulated(data.z[start], None)
+    raw = simulated(data.z[start], features(data, holdout, drugs=drugs, flags=False))
+    out = {"dynamic": _shifted(control, raw, base), "dynamic_raw": raw}
     if residual is not None and any(data.kind(c) == "gene" for c in components(holdout)):
         knocked = reference.project(apply_knockdown(data.x[start], data, holdout, residual), data.pcs)
-        end = dyn.simulate(knocked, t0=t0, t1=t1, features=None, n_steps=DYNAMIC_STEPS, seed=seed)
-        out["prescient"] = _proportions(knn.predict(end), fates)
+        out["prescient"] = _shifted(control, simulated(knocked, None), base)
     return out
+
+
+def _shifted(control: Mapping[str, float], perturbed: Mapping[str, float],
+             base: Mapping[str, float]) -> dict[str, float]:
+    """``control + (perturbed - base)`` per fate, clipped at 0 and renormalised to sum 1."""
+    p = {f: max(control[f] + perturbed[f] - base[f], 0.0) for f in control}
+    total = sum(p.values()) or 1.0
+    return {f: v / total for f, v in p.items()}
 
 
 def train_flow(data: Data, train: Sequence[str], *, drugs: Sequence[str], params: Mapping[str, Any], device: str,

@@ -11,8 +11,12 @@ training or not), a drug it was trained on, or a combination of these (``GeneA+G
 
 The map is static: control cells at ``t`` to cells that have been under the condition since
 the first time point, as the perturbed cells were (all observed at the control's time points).
-"What happens to these cells later under the drug" is then: simulate them forward under control
-to ``t + horizon``, and map the result (:meth:`virtualcell.cellmodel.VirtualCell.predict`).
+With the dynamic model (``perturb.dynamic``: a
+:class:`~virtualcell.models.perturbation.ConditionalDynamics` trained on every condition's time
+course, ``dynamics.pt``), "what happens to these cells later under the drug" is answered by
+simulating them forward *under the condition's landscape* from ``t`` to ``t + horizon``
+(:meth:`PerturbationMap.simulate`); without it, by simulating them under control and mapping the
+result (:meth:`virtualcell.cellmodel.VirtualCell.predict`).
 """
 
 from __future__ import annotations
@@ -31,20 +35,23 @@ from virtualcell.perturbation import (
     check_conditions,
     components,
     features,
+    has_time_course,
     knockdown_residual,
+    train_dynamics,
     train_flow,
 )
 
 MAP = "perturbation.npz"
 MODEL = "perturbation.pt"
+DYNAMICS = "perturbation_dynamics.pt"
 
 
 class PerturbationMap:
     """Moves cells' log-normalised expression to a condition (duck-types :class:`~virtualcell.perturbation.Data`
     for :func:`~virtualcell.perturbation.features` and :func:`~virtualcell.perturbation.apply_knockdown`)."""
 
-    def __init__(self, arrays: Mapping[str, Any], model: str | Path) -> None:
-        from virtualcell.models.perturbation import ConditionalFlow
+    def __init__(self, arrays: Mapping[str, Any], model: str | Path, dynamics: str | Path | None = None) -> None:
+        from virtualcell.models.perturbation import ConditionalDynamics, ConditionalFlow
 
         self.genes = np.asarray(arrays["genes"], dtype=str)
         self.gene_index = {g: i for i, g in enumerate(self.genes)}
@@ -61,6 +68,7 @@ class PerturbationMap:
         self.fate_states = np.asarray(arrays["fate_states"])
         self.fate_labels = np.asarray(arrays["fate_labels"], dtype=str)
         self.flow = ConditionalFlow.load(model)
+        self.dynamics = ConditionalDynamics.load(dynamics) if dynamics else None
         self._knn = None
 
     @classmethod
@@ -68,8 +76,9 @@ class PerturbationMap:
         directory = Path(directory)
         if not (directory / MAP).exists():
             return None
+        dynamics = directory / DYNAMICS
         with np.load(directory / MAP) as arrays:
-            return cls(dict(arrays), directory / MODEL)
+            return cls(dict(arrays), directory / MODEL, dynamics if dynamics.exists() else None)
 
     def kind(self, component: str) -> str:
         return "gene" if component in self.gene_index else "drug"
@@ -114,6 +123,28 @@ class PerturbationMap:
         out[:, cols] = moved[:, [index[genes[j]] for j in cols]]
         return out
 
+    def simulate(self, log_expression: np.ndarray, genes: list[str], *, t0: float, t1: float, condition: str,
+                 seed: int = 0, n_steps: int = 100) -> np.ndarray:
+        """Cells (log-normalised expression over ``genes``) at ``t0`` simulated to ``t1`` under ``condition``'s
+        landscape by the dynamic model (one stochastic path each; the same seed, the same paths): the same
+        genes. A knock-down's target drop, which a few PCs cannot carry, is applied to the result."""
+        self.check(condition)
+        if self.dynamics is None:
+            raise InputError("this virtual cell has no dynamic perturbation model (perturb.dynamic: false, or its "
+                             "bundle predates it): use apply() on cells simulated under control")
+        x0 = self.genes_of(log_expression, genes)
+        z0 = reference.project(x0, self.pcs)
+        feats = None if condition == self.control else features(self, condition, drugs=self.drugs, flags=False)
+        z = self.dynamics.simulate(z0, t0=float(t0), t1=float(t1), features=feats, n_steps=n_steps, seed=seed)
+        moved = x0 + (z - z0) * self.pcs["scale"] @ self.pcs["components"]
+        if condition != self.control:
+            moved = apply_knockdown(moved, self, condition, self.residual)
+        moved = np.clip(moved, 0.0, None)
+        out = np.asarray(log_expression, dtype=np.float64).copy()
+        cols = [j for j, g in enumerate(genes) if g in self.gene_index]
+        out[:, cols] = moved[:, [self.gene_index[genes[j]] for j in cols]]
+        return out
+
     def fates(self, log_expression: np.ndarray, genes: list[str]) -> tuple[list[str], np.ndarray]:
         """Cell types of cells at the last time point (their expression over ``genes``), by a kNN of the
         control cells then in the map's PCA space: the names and each cell's probabilities."""
@@ -127,8 +158,9 @@ class PerturbationMap:
 
 
 def perturb_model(*, input: str, control: str, model: str, output: str, params: Mapping[str, Any], device: str,
-                  run, min_cells: int = 20) -> None:
-    """Train the perturbation model on the control and every condition; write it and its map (``output``)."""
+                  run, min_cells: int = 20, dynamics: str | None = None) -> None:
+    """Train the perturbation model on the control and every condition; write it and its map (``output``),
+    and with ``dynamics`` the dynamic model (every condition's time course) there."""
     from virtualcell.stages import say
 
     mdata = io.read_h5mu(input)
@@ -151,6 +183,13 @@ def perturb_model(*, input: str, control: str, model: str, output: str, params: 
               "control": np.asarray(control), "t_max": np.asarray(float(data.time.max())),
               "residual": np.asarray(np.nan if residual is None else residual),
               "control_mean": data.x[ctrl].mean(0), "fate_states": data.z[last], "fate_labels": labels.astype(str)}
+    if dynamics:
+        if not has_time_course(data):
+            raise InputError(f"{input}: the cells are at one time point, so there is no dynamic response to learn; "
+                             "set perturb.dynamic: false")
+        dyn = train_dynamics(data, train, drugs=drugs, params=params, device=device, run=run, prefix="perturb_model")
+        io.atomic_write(dynamics, dyn.save)
+        run.log_artifact(dynamics, artifact_path="models")
     io.atomic_write(output, lambda tmp: np.savez(tmp, **arrays))
     run.log_artifact(model, artifact_path="models")
     run.log_artifact(output, artifact_path="models")

@@ -21,13 +21,13 @@ from virtualcell.tracking import JobRun
 def register(*, simulator: str, shared: str, expression: str, metrics: str, output: str, summary: str,
              dataset: str, params: Mapping[str, Any], run: JobRun, encoder: str | None = None,
              aligner: str | None = None, decoder: str | None = None, page: str | None = None,
-             predictor: str | None = None, perturbation: tuple[str, str] | None = None) -> None:
+             predictor: str | None = None, perturbation: tuple[str, ...] | None = None) -> None:
     """Log the virtual cell (genes in, genes out: :mod:`virtualcell.cellmodel`) as a pyfunc model and
     register it as ``virtualcell-{dataset}``, with the summary of the metrics it was judged by.
 
     ``simulator`` is the model trained on every time point; ``encoder`` (the RNA encoder),
     ``aligner``, ``predictor`` (the partner from RNA) and ``decoder`` take expression to its states and
-    back, as the state space needs; ``perturbation`` (model, map) answers "what if" (a ``condition`` param).
+    back, as the state space needs; ``perturbation`` (model, map[, dynamics]) answers "what if" (a ``condition`` param).
     """
     from virtualcell.models.dynamics import Simulator
 

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -554,7 +555,7 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
              params: Mapping[str, Any], run: JobRun, space: str = "embedding", fates: str | None = None,
              fate_figure: str | None = None, decoder: str | None = None, embedding_figure: str | None = None,
              alignment_figure: str | None = None, prediction_figure: str | None = None,
-             perturbations: Sequence[str] = ()) -> None:
+             perturbations: Sequence[str] = (), threads: int = 1) -> None:
     """metrics.json: retrieval against CCA, protein from RNA (:mod:`virtualcell.crossmodal`), simulation against baselines in pca5, fates against the truth;
     the figures of these, of cross-modal matching (``alignment_figure``) and (``embedding_figure``)
     UMAPs of the embeddings.
@@ -573,6 +574,7 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
     overlays: dict[str, Any] = {}
 
     partner = data.uns.get(PARTNER)
+    layouts = _start_layouts(data, partner, seed=seed, threads=threads) if embedding_figure else None
     if partner and test.sum() > 5:
         from virtualcell import crossmodal
 
@@ -631,18 +633,57 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
     run.log_metrics({f"evaluate/{k}": v for k, v in _flat_metrics(metrics).items()})
     run.log_dict(metrics, "metrics.json")
     if embedding_figure:
-        partner_keys = {"RNA": SHARED_RNA, partner: shared_key(partner)} if partner else None
-        spaces = {"RNA latent": EMBED_RNA, "shared": SHARED}
-        if partner == PROT and EMBED_JOINT in data.obsm:
-            spaces = {"RNA latent": EMBED_RNA, "joint RNA+protein VAE": EMBED_JOINT, "shared": SHARED}
-        fig = figures.embeddings(data, spaces=spaces, partner=partner_keys,
-                                 seed=seed)
+        spaces, partner_keys = _embedding_spaces(data, partner)
+        fig = figures.embeddings(data, spaces=spaces, partner=partner_keys, seed=seed,
+                                 layouts=layouts.result() if layouts is not None else None)
         run.log_figure(fig, "embeddings.png")
         io.write_figure(fig, embedding_figure)
     fig = figures.evaluation(metrics, overlays=overlays)
     run.log_figure(fig, "evaluation.png")
     io.write_figure(fig, figure)
     io.write_json(metrics, output)
+
+
+def _embedding_spaces(data: ad.AnnData, partner: str | None) -> tuple[dict[str, str], dict[str, str] | None]:
+    """The embeddings evaluate's UMAP figure shows (title -> obsm key) and the partner pair."""
+    partner_keys = {"RNA": SHARED_RNA, partner: shared_key(partner)} if partner else None
+    spaces = {"RNA latent": EMBED_RNA, "shared": SHARED}
+    if partner == PROT and EMBED_JOINT in data.obsm:
+        spaces = {"RNA latent": EMBED_RNA, "joint RNA+protein VAE": EMBED_JOINT, "shared": SHARED}
+    return spaces, partner_keys
+
+
+def _start_layouts(data: ad.AnnData, partner: str | None, *, seed: int, threads: int):
+    """With a second thread, the UMAP layouts of the embedding figure start in a second process (a future),
+    as most of their time is importing umap and compiling its kernels, while evaluate scores the simulators
+    in this one; None: computed when the figure is drawn."""
+    if threads < 2:
+        return None
+    import concurrent.futures as cf
+    import multiprocessing
+
+    import torch
+
+    torch.set_num_threads(max(1, threads - 1))
+    spaces, partner_keys = _embedding_spaces(data, partner)
+    arrays, _ = figures.embedding_inputs(data, spaces=spaces, partner=partner_keys, seed=seed)
+    # spawn, not fork: this process has torch (and its thread pools) loaded. One thread each for numba and
+    # BLAS there, so the two processes share the cores: the child reads its environment when it starts,
+    # at submit.
+    pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    one = {name: "1" for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    saved = {name: os.environ.get(name) for name in one}
+    os.environ.update(one)
+    try:
+        future = pool.submit(figures.embedding_layouts, arrays, seed=seed)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    pool.shutdown(wait=False)
+    return future
 
 
 def _flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -144,7 +144,10 @@ def get_perturbation_model(wildcards):
     """perturb_model's files for the virtual cell's "what if" ([] without conditions)."""
     if not has_conditions(wildcards.dataset):
         return []
-    return [f"{RESULTS}/{wildcards.dataset}/perturb/model.pt", f"{RESULTS}/{wildcards.dataset}/perturb/map.npz"]
+    files = [f"{RESULTS}/{wildcards.dataset}/perturb/model.pt", f"{RESULTS}/{wildcards.dataset}/perturb/map.npz"]
+    if config["perturb"]["dynamic"]:
+        files.append(f"{RESULTS}/{wildcards.dataset}/perturb/dynamics.pt")
+    return files
 
 
 def get_seeds():

@@ -46,7 +46,10 @@ rule perturb_model:
     output:
         model=f"{RESULTS}/{{dataset}}/perturb/model.pt",
         map=f"{RESULTS}/{{dataset}}/perturb/map.npz",
+        # the dynamic model (perturb.dynamic): cells simulated forward under a condition's landscape
+        **({"dynamics": f"{RESULTS}/{{dataset}}/perturb/dynamics.pt"} if config["perturb"]["dynamic"] else {}),
     params:
+        dynamics=lambda wc, output: f"--dynamics {output.dynamics}" if "dynamics" in output.keys() else "",
         cfg=as_json(config["perturb"]),
         control=lambda wc: config["datasets"][wc.dataset]["control"],
         min_cells=lambda wc: config["datasets"][wc.dataset]["min_cells_per_condition"],
@@ -64,5 +67,6 @@ rule perturb_model:
         gpu=res("perturb", "gpu", 0),
     shell:
         "virtualcell perturb --dataset {wildcards.dataset} --input {input.data} --control {params.control:q}"
-        " --min-cells {params.min_cells} --model {output.model} --map {output.map} --device {params.device}"
+        " --min-cells {params.min_cells} --model {output.model} --map {output.map} {params.dynamics}"
+        " --device {params.device}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"
