@@ -202,6 +202,34 @@ def embedding_layouts(arrays: Mapping[str, np.ndarray], *, seed: int = 0) -> dic
     return out
 
 
+def start_embedding_layouts(arrays: Mapping[str, np.ndarray], *, seed: int = 0):
+    """:func:`embedding_layouts` in a second process: a future of its result.
+
+    Most of their time is importing umap and compiling its numba kernels (~30 s of one core), which
+    a caller with a second core need not wait for. The process is spawned, not forked (the caller
+    has torch and its thread pools loaded), with one thread each for numba and BLAS so the two
+    processes share the cores: a child reads its environment when it starts, at submit.
+    """
+    import concurrent.futures as cf
+    import multiprocessing
+    import os
+
+    pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    one = {name: "1" for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    saved = {name: os.environ.get(name) for name in one}
+    os.environ.update(one)
+    try:
+        future = pool.submit(embedding_layouts, arrays, seed=seed)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    pool.shutdown(wait=False)
+    return future
+
+
 def embeddings(data, *, spaces: Mapping[str, str], partner: Mapping[str, str] | None = None, seed: int = 0,
                layouts: Mapping[str, np.ndarray] | None = None):
     """UMAPs (scanpy) of each embedding, coloured by time, cell type and batch (the obs columns present).

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -654,36 +653,16 @@ def _embedding_spaces(data: ad.AnnData, partner: str | None) -> tuple[dict[str, 
 
 
 def _start_layouts(data: ad.AnnData, partner: str | None, *, seed: int, threads: int):
-    """With a second thread, the UMAP layouts of the embedding figure start in a second process (a future),
-    as most of their time is importing umap and compiling its kernels, while evaluate scores the simulators
-    in this one; None: computed when the figure is drawn."""
+    """With a second thread, the embedding figure's UMAP layouts start in a second process (a future) while
+    evaluate scores the simulators in this one, which keeps one thread; None: laid out when drawn."""
     if threads < 2:
         return None
-    import concurrent.futures as cf
-    import multiprocessing
-
     import torch
 
     torch.set_num_threads(max(1, threads - 1))
     spaces, partner_keys = _embedding_spaces(data, partner)
     arrays, _ = figures.embedding_inputs(data, spaces=spaces, partner=partner_keys, seed=seed)
-    # spawn, not fork: this process has torch (and its thread pools) loaded. One thread each for numba and
-    # BLAS there, so the two processes share the cores: the child reads its environment when it starts,
-    # at submit.
-    pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    one = {name: "1" for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-    saved = {name: os.environ.get(name) for name in one}
-    os.environ.update(one)
-    try:
-        future = pool.submit(figures.embedding_layouts, arrays, seed=seed)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    pool.shutdown(wait=False)
-    return future
+    return figures.start_embedding_layouts(arrays, seed=seed)
 
 
 def _flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
