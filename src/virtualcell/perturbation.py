@@ -362,7 +362,7 @@ def train_dynamics(data: Data, train: Sequence[str], *, drugs: Sequence[str], pa
                            batch_size=params["batch_size"], lr=params["lr"], diffusion=params["diffusion"],
                            weights=[CONTROL_WEIGHT * max(len(train), 1)] + [1.0] * len(train),
                            device=device, seed=params["seed"]),
-         run=run, prefix=f"{prefix}_dynamic", checkpoint=None, every=0)
+         run=run, prefix=f"{prefix}/dynamic", checkpoint=None, every=0)
     return dyn
 
 
