@@ -270,3 +270,27 @@ def test_the_conditioned_simulator_sends_control_cells_where_each_landscape_does
     assert np.allclose(again.simulate(data.z[start], t0=0, t1=4, seed=1), dyn.simulate(data.z[start], t0=0, t1=4, seed=1))
     with pytest.raises(Exception, match="forward in time"):
         dyn.simulate(data.z[start], t0=4, t1=0)
+
+
+def test_the_conditioned_simulator_bounds_its_couplings_on_large_time_points(data, monkeypatch):
+    """An atlas-sized time point is subsampled for its plans and an interval keeps a bounded pool of pairs,
+    so memory does not grow with the square of the cells (bounds shrunk here to the test data's size)."""
+    from virtualcell.models import perturbation as M
+
+    shapes = []
+    real_plan = M.entropic_plan
+
+    def recording_plan(cost, reg):
+        shapes.append(tuple(cost.shape))
+        return real_plan(cost, reg)
+
+    monkeypatch.setattr(M, "entropic_plan", recording_plan)
+    monkeypatch.setattr(M, "PLAN_MAX_CELLS", 40)
+    monkeypatch.setattr(M, "MAX_PAIRS_PER_INTERVAL", 500)
+    ctrl = data.cells("control")
+    dyn = M.ConditionalDynamics(len(data.pcs["scale"]), len(data.pcs["scale"]) + 2, max_components=1,
+                                n_hidden=16, n_layers=1)
+    history = dyn.fit([(data.z[ctrl], data.time[ctrl], None)], epochs=2, steps_per_epoch=2, device="cpu", seed=0)
+    assert len(history) == 2 and max(max(s) for s in shapes) == 40  # > 100 control cells per time point
+    end = dyn.simulate(data.z[ctrl[:10]], t0=0, t1=4, seed=0)
+    assert end.shape == (10, len(data.pcs["scale"])) and np.isfinite(end).all()

@@ -349,7 +349,8 @@ class VirtualCell:
             or a drug it was trained on) rather than the control. With the dynamic perturbation model
             (``perturb.dynamic``, the default), the cells' expression is simulated forward under the
             condition's landscape (from ``t_start``: the condition starts acting now) and the fates are
-            those rollouts' at the last time; ``end`` stays the control simulation's states. Without
+            the cells' fates under control plus the shift that model simulates to the last time
+            (:meth:`fates_under`); ``end`` stays the control simulation's states. Without
             it, the control simulation moved to the condition at ``t_start + horizon``: cells as if
             under the condition since the first time point, as the training cells were
             (:mod:`virtualcell.perturbmap`).

@@ -24,9 +24,11 @@ target genes; a PCA of a few components cannot carry one gene's drop.
 The dynamic response (``perturb.dynamic``, datasets with a time course and cell types): a
 :class:`~virtualcell.models.perturbation.ConditionalDynamics` (one SDE per condition, trained on
 every training condition's time course) simulates the control cells of the first time point to
-the last under the held-out condition; a kNN of the control's cell types calls their fates
-(``fate.dynamic``), beside PRESCIENT's recipe (``fate.prescient``: knocked down at the start, then
-the control's dynamics) and the static model's moved cells of the last time point (``fate.model``).
+the last under the held-out condition and under the control (the same noise); a kNN of the
+control's cell types calls their fates, and ``fate.dynamic`` is the control's proportions plus the
+shift between the two (``fate.dynamic_raw``: the first simulation's own), beside PRESCIENT's recipe
+(``fate.prescient``: knocked down at the start, then the control's dynamics, the same shift) and
+the static model's moved cells of the last time point (``fate.model``).
 """
 
 from __future__ import annotations
@@ -342,9 +344,7 @@ def train_dynamics(data: Data, train: Sequence[str], *, drugs: Sequence[str], pa
     import functools
 
     from virtualcell.models.perturbation import ConditionalDynamics
-    from virtualcell.stages import _fit
-
-    from virtualcell.stages import say
+    from virtualcell.stages import _fit, say
 
     ctrl = data.cells(data.control)
     conds = [(data.z[ctrl], data.time[ctrl], None)]

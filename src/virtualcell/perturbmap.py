@@ -30,6 +30,7 @@ import numpy as np
 from virtualcell import io, reference
 from virtualcell.errors import InputError
 from virtualcell.perturbation import (
+    DYNAMIC_STEPS,
     Data,
     apply_knockdown,
     check_conditions,
@@ -124,7 +125,7 @@ class PerturbationMap:
         return out
 
     def simulate(self, log_expression: np.ndarray, genes: list[str], *, t0: float, t1: float, condition: str,
-                 seed: int = 0, n_steps: int = 100) -> np.ndarray:
+                 seed: int = 0, n_steps: int = DYNAMIC_STEPS) -> np.ndarray:
         """Cells (log-normalised expression over ``genes``) at ``t0`` simulated to ``t1`` under ``condition``'s
         landscape by the dynamic model (one stochastic path each; the same seed, the same paths): the same
         genes. A knock-down's target drop, which a few PCs cannot carry, is applied to the result."""
@@ -167,6 +168,9 @@ def perturb_model(*, input: str, control: str, model: str, output: str, params: 
     rna = mdata.mod[io.expression_modality(mdata)]
     check_conditions(rna.obs, control=control, holdouts=[], min_cells=min_cells, origin=input)
     data = Data(rna, control=control, n_pcs=params["n_pcs"])
+    if dynamics and not has_time_course(data):  # before any training
+        raise InputError(f"{input}: the cells are at one time point, so there is no dynamic response to learn; "
+                         "set perturb.dynamic: false")
     train = list(data.conditions)
     drugs = sorted({c for n in train for c in components(n) if data.kind(c) == "drug"})
     say(f"perturb_model: the control ({len(data.cells(control))} cells) and all {len(train)} conditions, for the "
@@ -184,9 +188,6 @@ def perturb_model(*, input: str, control: str, model: str, output: str, params: 
               "residual": np.asarray(np.nan if residual is None else residual),
               "control_mean": data.x[ctrl].mean(0), "fate_states": data.z[last], "fate_labels": labels.astype(str)}
     if dynamics:
-        if not has_time_course(data):
-            raise InputError(f"{input}: the cells are at one time point, so there is no dynamic response to learn; "
-                             "set perturb.dynamic: false")
         dyn = train_dynamics(data, train, drugs=drugs, params=params, device=device, run=run, prefix="perturb_model")
         io.atomic_write(dynamics, dyn.save)
         run.log_artifact(dynamics, artifact_path="models")

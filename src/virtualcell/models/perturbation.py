@@ -32,8 +32,7 @@ from torch import nn
 
 from virtualcell import train
 from virtualcell.models._base import BaseModel, as_float_array
-from virtualcell.models.couplings import exact_plan, squared_cost
-from virtualcell.models.couplings import entropic_plan
+from virtualcell.models.couplings import entropic_plan, exact_plan, squared_cost
 from virtualcell.models.fields import S_MIN, Dynamics, conditional_flow, euler_maruyama
 from virtualcell.train import BadInputError
 
@@ -235,6 +234,12 @@ class ConditionDynamics(nn.Module):
 
 
 _SHIFT, _SCALE, _T_MAX = "x_shift", "x_scale", "t_max"
+# Memory bounds of the conditioned simulator's couplings: a time point of more cells is subsampled to
+# this many for its plans (the Simulator's full-plan bound, a dense 2,000 x 2,000 plan), and an
+# interval keeps at most this many pairs, drawn from its plan (below it, every pair above 1e-9 of the
+# largest, with its weight).
+PLAN_MAX_CELLS = 2000
+MAX_PAIRS_PER_INTERVAL = 250_000
 
 
 class ConditionalDynamics(BaseModel):
@@ -310,6 +315,7 @@ class ConditionalDynamics(BaseModel):
         self._prepare_fit(seed)
         self.module.dynamics.diffusion.fill_(float(diffusion))
         dev = train.resolve_device(device)
+        rng = np.random.default_rng(seed)
         states, cols = [], {"i": [], "j": [], "c": [], "t0": [], "t1": [], "w": []}
         feats, masks = [], []
         offset = 0
@@ -321,16 +327,19 @@ class ConditionalDynamics(BaseModel):
             if len(times) < 2:
                 raise BadInputError(f"condition {c} has cells at {len(times)} time point(s); a time course needs >= 2")
             for a_t, b_t in zip(times[:-1], times[1:], strict=True):
-                a, b = np.flatnonzero(t == a_t), np.flatnonzero(t == b_t)
+                a, b = (_at_most(np.flatnonzero(t == v), PLAN_MAX_CELLS, rng) for v in (a_t, b_t))
                 dtau = (b_t - a_t) / t_max
                 plan = entropic_plan(squared_cost(y[a], y[b]), 2.0 * diffusion**2 * dtau).numpy()
                 i, j = np.nonzero(plan > 1e-9 * plan.max())
+                w = plan[i, j]
+                if len(i) > MAX_PAIRS_PER_INTERVAL:  # a pool of pairs drawn from the plan, equally weighted
+                    k = rng.choice(len(i), size=MAX_PAIRS_PER_INTERVAL, p=w / w.sum())
+                    i, j, w = i[k], j[k], np.ones(len(k))
                 cols["i"].append(a[i] + offset)
                 cols["j"].append(b[j] + offset)
                 cols["c"].append(np.full(len(i), c))
                 cols["t0"].append(np.full(len(i), a_t / t_max))
                 cols["t1"].append(np.full(len(i), b_t / t_max))
-                w = plan[i, j]
                 cols["w"].append(weights[c] * w / w.sum() / (len(times) - 1))  # mass weights[c] over its intervals
             padded, mask = self._pad(f)
             feats.append(padded)
@@ -381,3 +390,8 @@ class ConditionalDynamics(BaseModel):
                            n_steps, float(dyn.diffusion), generator)
         x = y.cpu().double() * self._scaling[_SCALE] + self._scaling[_SHIFT]
         return x.float().numpy()
+
+
+def _at_most(index: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``index`` itself, or ``n`` of it drawn without replacement (sorted) when it is longer."""
+    return index if len(index) <= n else np.sort(rng.choice(index, size=n, replace=False))
