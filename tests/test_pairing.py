@@ -207,3 +207,28 @@ def test_pair_of_a_spatial_section_pairs_each_spot_with_the_patch_under_it():
     assert paired.obs["split"].value_counts().to_dict() == {"train": 29, "val": 10, "test": 10}
     (library,) = paired["spatial"].uns["spatial"].values()
     assert "images" not in library  # the patches carry the image on; the section's image is not copied
+    # The spatial neighbour graph, in squidpy's layout: the crop's spots sit on Visium's hexagonal grid,
+    # so a spot inside the crop has its 6 neighbours, each one spacing (about 100 full-resolution px) away.
+    from virtualcell.pairing import SPATIAL_CONNECTIVITIES, SPATIAL_DISTANCES, SPATIAL_NEIGHBORS
+
+    spots = paired["spatial"]
+    graph, distances = spots.obsp[SPATIAL_CONNECTIVITIES], spots.obsp[SPATIAL_DISTANCES]
+    assert spots.uns[SPATIAL_NEIGHBORS]["connectivities_key"] == SPATIAL_CONNECTIVITIES
+    assert (graph != graph.T).nnz == 0 and graph.diagonal().sum() == 0
+    degree = np.asarray(graph.sum(axis=1)).ravel()
+    assert degree.max() == 6 and degree.min() >= 1
+    spacing = np.sort(np.linalg.norm(spots.obsm["spatial"][:, None] - spots.obsm["spatial"][None], axis=2), 1)[:, 1]
+    np.testing.assert_allclose(distances.data, np.median(spacing), rtol=0.05)
+
+
+def test_spatial_graph_keeps_each_section_apart_and_takes_the_first_ring():
+    from virtualcell.pairing import spatial_graph
+
+    # A square grid: 4 neighbours inside (the diagonals, 1.41 spacings away, are the second ring).
+    xy = np.array([(x, y) for x in range(5) for y in range(5)], dtype=float) * 50
+    graph, _ = spatial_graph(xy, np.zeros(25))
+    degree = np.asarray(graph.sum(axis=1)).ravel().reshape(5, 5)
+    assert degree[2, 2] == 4 and degree[0, 0] == 2 and degree[0, 2] == 3
+    # The same grid twice, on two sections laid over each other: no edge crosses sections.
+    graph, _ = spatial_graph(np.vstack([xy, xy + 1]), np.repeat(["a", "b"], 25))
+    assert graph[:25, 25:].nnz == 0 and graph.nnz == 2 * 40 * 2

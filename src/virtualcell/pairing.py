@@ -14,6 +14,7 @@ import anndata as ad
 import mudata as md
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from virtualcell.errors import InputError
@@ -25,6 +26,13 @@ SPLITS = ("train", "val", "test")
 IMAGE = "image"
 # uns key of the image modality: [channels, height, width] of each flattened patch
 PATCH_SHAPE = "patch_shape"
+# squidpy's keys of the spatial neighbour graph (sq.gr.spatial_neighbors): obsp and uns of the spots
+SPATIAL_CONNECTIVITIES = "spatial_connectivities"
+SPATIAL_DISTANCES = "spatial_distances"
+SPATIAL_NEIGHBORS = "spatial_neighbors"
+# A spot's first ring: the spots within this many times the section's median nearest-neighbour spacing
+# (a hexagonal Visium grid's 6 at 1 spacing, not its next ring at 1.73; a square grid's 4, not the diagonals at 1.41).
+RING_TOLERANCE = 1.2
 
 
 def paired_cells(mdata: md.MuData, *, origin: str = "input") -> pd.Index:
@@ -134,6 +142,7 @@ def pair(
         image = ad.AnnData(X=patches, obs=pd.DataFrame(index=spots.obs_names.copy()))
         image.uns[PATCH_SHAPE] = [3, patch_size, patch_size]
         mods[IMAGE] = image
+        add_spatial_graph(spots, origin=origin)
         # The full images are megabytes per section; downstream reads the patches.
         for library in spots.uns.get(SPATIAL, {}).values():
             library.pop("images", None)
@@ -147,6 +156,57 @@ def pair(
     out.uns.update(dict(mdata.uns))
     out.obs["split"] = mods[expression].obs["split"]
     return out
+
+
+# --------------------------------------------------------------------------- the spots' neighbour graph
+
+
+def spatial_graph(xy: np.ndarray, sections: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Each spot's first ring of neighbours on its own section: (connectivities, distances).
+
+    As ``squidpy.gr.spatial_neighbors(coord_type="grid", n_rings=1, library_key=...)``: two spots of
+    one section are neighbours when they lie within ``RING_TOLERANCE`` times the section's median
+    nearest-neighbour spacing; spots of different sections never are. Connectivities are 1 on every
+    edge (symmetric, no self-loops); distances are the edges' lengths in full-resolution pixels
+    (squidpy's grid mode writes the ring number instead). Written here with scipy's k-d tree because
+    squidpy 1.8 brings spatialdata, dask and geopandas with it, and this is the one function we need.
+    """
+    n = len(xy)
+    rows, cols, lengths = [], [], []
+    for name in np.unique(sections):
+        spots = np.flatnonzero(sections == name)
+        if len(spots) < 2:
+            continue
+        tree = cKDTree(xy[spots])
+        spacing = float(np.median(tree.query(xy[spots], k=2)[0][:, 1]))
+        edges = tree.query_pairs(r=RING_TOLERANCE * spacing, output_type="ndarray")
+        i, j = spots[edges[:, 0]], spots[edges[:, 1]]
+        rows += [i, j]
+        cols += [j, i]
+        lengths += [np.linalg.norm(xy[i] - xy[j], axis=1)] * 2
+    if rows:
+        r, c, d = np.concatenate(rows), np.concatenate(cols), np.concatenate(lengths)
+    else:
+        r = c = np.zeros(0, dtype=int)
+        d = np.zeros(0)
+    distances = sp.csr_matrix((d.astype(np.float32), (r, c)), shape=(n, n))
+    connectivities = sp.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(n, n))
+    return connectivities, distances
+
+
+def add_spatial_graph(spots: ad.AnnData, *, origin: str = "input") -> None:
+    """The spots' neighbour graph (:func:`spatial_graph`) in squidpy's layout: ``obsp["spatial_connectivities"]``,
+    ``obsp["spatial_distances"]`` and ``uns["spatial_neighbors"]``, so that later stages know each spot's
+    neighbourhood."""
+    section = _section_of_spots(spots, spots.uns.get(SPATIAL, {}), library_id=None, origin=origin)
+    connectivities, distances = spatial_graph(np.asarray(spots.obsm[SPATIAL], dtype=np.float64)[:, :2], section)
+    spots.obsp[SPATIAL_CONNECTIVITIES] = connectivities
+    spots.obsp[SPATIAL_DISTANCES] = distances
+    spots.uns[SPATIAL_NEIGHBORS] = {
+        "connectivities_key": SPATIAL_CONNECTIVITIES, "distances_key": SPATIAL_DISTANCES,
+        "params": {"coord_type": "grid", "n_rings": 1, "radius_in_spacings": RING_TOLERANCE,
+                   "library_key": LIBRARY_KEY},
+    }
 
 
 # --------------------------------------------------------------------------- image patches of spots
