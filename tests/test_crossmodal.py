@@ -84,9 +84,36 @@ def test_pearson_scores_match_scipy():
     expected = [scipy.stats.pearsonr(pred[:, j], true[:, j])[0] for j in range(4)]
     np.testing.assert_allclose(crossmodal.pearson_per_feature(pred, true), expected)
     np.testing.assert_allclose(crossmodal.pearson_per_cell(pred, true)[3], scipy.stats.pearsonr(pred[3], true[3])[0])
-    # a constant column has no correlation (NaN), not a division warning
+    # a constant prediction has no correlation (0: it cannot be left out of a method's mean to its
+    # advantage); a constant measurement has nothing to predict (NaN, out of every method's mean)
     pred[:, 0] = 1.0
-    assert np.isnan(crossmodal.pearson_per_feature(pred, true)[0])
+    true[:, 1] = 2.0
+    r = crossmodal.pearson_per_feature(pred, true)
+    assert r[0] == 0.0 and np.isnan(r[1])
+
+
+def test_rna_predicted_from_protein_alone_beats_a_random_pairing(paired_cells):
+    """The predictor the other way (protein CLR + its shared embedding -> RNA's), as align trains it for
+    rna_from_protein, and BLEEP's top-k retrieval through the shared space."""
+    c, test = paired_cells, paired_cells["test"]
+    reverse = CrossModalPredictor(12, 8, 10, n_hidden=64)
+    reverse.fit(c["prot"][:450], c["zb"][:450], c["za"][:450], c["rna"][:450], epochs=40, batch_size=128,
+                lr=3e-3, device=CPU, seed=0)
+    r = crossmodal.pearson_per_feature(reverse.predict_values(c["prot"][test], c["zb"][test]), c["rna"][test])
+    bleep = crossmodal.bleep_predict(c["zb"][test], c["za"][:450], c["rna"][:450])
+    r_bleep = crossmodal.pearson_per_feature(bleep, c["rna"][test])
+    shuffled = crossmodal.pearson_per_feature(c["rna"][:100], c["rna"][test])
+    assert np.mean(r) > 0.7 and np.mean(r_bleep) > 0.7 and abs(np.mean(shuffled)) < 0.2
+
+
+def test_bleep_averages_the_reference_cells_nearest_in_the_shared_space():
+    reference = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    values = np.array([[1.0], [3.0], [10.0], [100.0]])
+    # cosine: the query (2, 0.1) lies nearest the first two, whatever its norm
+    np.testing.assert_allclose(crossmodal.bleep_predict(np.array([[2.0, 0.1]]), reference, values, k=2), [[2.0]])
+    np.testing.assert_allclose(crossmodal.bleep_predict(np.array([[0.0, 5.0]]), reference, values, k=1), [[10.0]])
+    # k beyond the reference is the reference's mean
+    np.testing.assert_allclose(crossmodal.bleep_predict(np.array([[0.0, 5.0]]), reference, values, k=50), [[28.5]])
 
 
 def test_baselines_recover_a_linear_map_and_random_does_not():

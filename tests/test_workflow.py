@@ -101,6 +101,12 @@ def test_outputs_and_metrics(workflow_run):
     assert set(protein) == {"pearson_per_protein", "pearson_per_cell"}
     assert set(protein["pearson_per_protein"]) == {"model", "cca", "knn", "ridge", "random"}
     assert protein["pearson_per_protein"]["model"] > protein["pearson_per_protein"]["random"] + 0.3
+    # and the other way: RNA (the log-normalised HVGs align's output holds in X) from the protein alone
+    rna = metrics["prediction"]["rna_from_protein"]
+    assert set(rna["pearson_per_gene"]) == {"model", "bleep", "cca", "knn", "ridge", "random"}
+    assert rna["pearson_per_gene"]["model"] > rna["pearson_per_gene"]["random"] + 0.1
+    shared = ad.read_h5ad(results / "align" / "shared.h5ad")
+    assert shared.obsm["X_predicted_rna"].shape == shared.shape and shared.n_vars > 50
     assert metrics["energy"]["paired"] < metrics["energy"]["shuffled"]
     assert set(metrics["compression"]) == {"knn_fate", "r2_latent"}
     assert set(metrics["compression"]["r2_latent"]) == {"rna", "joint", "shared"}
@@ -414,8 +420,12 @@ def test_real_spatial_config_aligns_spots_with_their_image_patches(tmp_path):
     run_real_config(tmp_path, "real_spatial.yaml", "visium_mouse_brain_crop.h5ad")
     results = tmp_path / "results" / "mouse_brain_crop"
     metrics = json.loads((results / "evaluate" / "metrics.json").read_text())
-    # the predictor's energy of spot <-> patch pairs; no protein, so no prediction section
-    assert set(metrics) == {"dataset", "alignment", "energy"}
+    # the predictor's energy of spot <-> patch pairs, and each spot's expression from its image patch alone
+    assert set(metrics) == {"dataset", "alignment", "energy", "prediction"}
+    from_image = metrics["prediction"]["rna_from_image"]["pearson_per_gene"]
+    print("expression from the image patch, mean per-gene r on 10 test spots:", from_image)
+    assert set(from_image) == {"model", "model_ring", "bleep", "cca", "knn", "ridge", "random"}
+    assert all(-1 <= v <= 1 for v in from_image.values())
     retrieval = metrics["alignment"]["rna-image"]
     print("rna-image retrieval on 10 test spots:", retrieval)
     assert set(retrieval["foscttm"]) == {"model", "cca", "random"}
@@ -423,6 +433,9 @@ def test_real_spatial_config_aligns_spots_with_their_image_patches(tmp_path):
     shared = ad.read_h5ad(results / "align" / "shared.h5ad")
     assert shared.n_obs == 49 and shared.uns["partner"] == "image"
     assert shared.obsm["X_input_image"].shape == (49, 3 * 32 * 32)
+    assert shared.obsm["X_predicted_rna"].shape == shared.shape
+    # the spots' neighbour graph (pair's, squidpy's layout) reaches the shared space's file
+    assert shared.obsp["spatial_connectivities"].shape == (49, 49) and shared.obsp["spatial_connectivities"].nnz > 49
     assert job_rules(tmp_path, "virtualcell-real-spatial") == [
         "align", "embed", "evaluate", "ingest", "pair", "qc", "workflow"]
     client = MlflowClient(tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/results/mlflow.db"))
@@ -549,6 +562,10 @@ def test_a_synthetic_section_aligns_spot_expression_with_the_tissue_under_it(tmp
     print("synthetic section, spot <-> patch FOSCTTM:", foscttm)
     assert foscttm["model"] < 0.2 < foscttm["random"]
     assert foscttm["model"] < foscttm["cca"]
+    # each spot's expression from the patch under it alone: the image shows which cell types lie there
+    from_image = metrics["prediction"]["rna_from_image"]["pearson_per_gene"]
+    print("synthetic section, expression from the image patch, mean per-gene r:", from_image)
+    assert from_image["model"] > from_image["random"] + 0.1
     assert "simulation" not in metrics  # spots carry no time
 
 

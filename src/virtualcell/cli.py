@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--model", help="align/aligner.pt to write")
     _add(p, "--predictor", required=False, default=None,
          help="align/predictor.pt to write: the partner predicted from RNA alone (JEPA-style, with its decoder)")
+    _add(p, "--rna-predictor", required=False, default=None,
+         help="align/predictor_rna.pt to write: RNA (log-normalised HVGs) predicted from the partner alone")
     _add(p, "--figure", help="the training-loss figure (.png)")
 
     p = stage("simulate", "fit the dynamics (one seed) with one time point held out, the last ('last') or none")
@@ -293,10 +295,12 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
                                             device=device, run=run, checkpoint_every=every))
     if args.stage == "align":
         return ("align", [args.input, args.embeddings],
-                [args.output, args.model, args.figure, *filter(None, [args.predictor])], wildcards,
+                [args.output, args.model, args.figure, *filter(None, [args.predictor, args.rna_predictor])],
+                wildcards,
                 lambda p, run: stages.align(input=args.input, embeddings=args.embeddings, output=args.output,
                                             model=args.model, figure=args.figure, params=p, device=device,
-                                            run=run, checkpoint_every=every, predictor=args.predictor))
+                                            run=run, checkpoint_every=every, predictor=args.predictor,
+                                            rna_predictor=args.rna_predictor))
     if args.stage == "simulate":
         return ("simulate", [args.input], [args.output, args.figure],
                 wildcards | {"holdout": args.holdout} | ({} if args.seed is None else {"seed": str(args.seed)}),

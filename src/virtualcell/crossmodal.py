@@ -2,7 +2,11 @@
 
 - ``alignment``: retrieval of a cell's partner (model, CCA, random), as :mod:`virtualcell.evaluate` scores it;
 - ``prediction``: the partner's values predicted from RNA alone (the JEPA-style predictor of align)
-  against CCA, ridge and kNN regression in RNA PCA space, and a random pairing (the floor);
+  against CCA, ridge and kNN regression in RNA PCA space, and a random pairing (the floor); and the
+  other way, RNA (log-normalised HVGs) predicted from the partner alone (protein, or a spot's image
+  patch), against the same regressions on the partner's values, a random pairing and BLEEP's
+  retrieval (the mean expression of the top-k training cells whose RNA embeddings lie nearest the
+  partner's embedding in the shared space);
 - ``energy``: the predictor's energy of true pairs against shuffled ones;
 - ``compression`` (built-in data): what the joint embedding knows of the truth that RNA alone does not,
   kNN accuracy of the true fate and R² of the true latent state.
@@ -18,22 +22,31 @@ import numpy as np
 
 from virtualcell import evaluate as ev
 from virtualcell import synthetic
-from virtualcell.pairing import IMAGE
+from virtualcell.pairing import IMAGE, SPATIAL_CONNECTIVITIES
 from virtualcell.stages import (EMBED_JOINT, EMBED_RNA, RNA_PCA, SHARED, SHARED_RNA, input_key, predicted_key,
                                 shared_key)
 
 PREDICTION_KEYS = {"prot": "protein_from_rna"}  # metrics.json prediction.<key>
-# kNN baselines and the compression scores use the same neighbourhood size.
+RNA_FROM = {"prot": "rna_from_protein", IMAGE: "rna_from_image"}  # metrics.json prediction.<key>, the other way
+PREDICTED_RNA = "X_predicted_rna"  # obsm of align's output: log-normalised HVG expression from the partner alone
+PREDICTED_RNA_SHARED = f"{SHARED_RNA}_predicted"  # obsm: the RNA's shared embedding from the partner alone
+# kNN baselines, BLEEP's retrieval and the compression scores use the same neighbourhood size.
 N_NEIGHBOURS = 15
 
 
 def pearson_per_feature(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Pearson r of each column (protein) over the rows (cells); NaN where either side is constant."""
+    """Pearson r of each column (protein, gene) over the rows (cells).
+
+    NaN where the measured values are constant (nothing to predict; left out of every method's mean),
+    0 where only the prediction is: a method that predicts no variation has no correlation, and
+    leaving it out would reward predicting a constant for the hard features.
+    """
     p = pred - pred.mean(0)
     t = true - true.mean(0)
-    denom = np.sqrt((p**2).sum(0) * (t**2).sum(0))
+    pp, tt = (p**2).sum(0), (t**2).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (p * t).sum(0) / denom, np.nan)
+        r = (p * t).sum(0) / np.sqrt(pp * tt)
+    return np.where(tt > 0, np.where(pp > 0, r, 0.0), np.nan)
 
 
 def pearson_per_cell(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -63,8 +76,19 @@ def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) 
     return RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(x_train, y_train).predict(x_test)
 
 
-def _summary(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    return {"pearson_per_protein": float(np.nanmean(pearson_per_feature(pred, true))),
+def bleep_predict(z_query: np.ndarray, z_reference: np.ndarray, y_reference: np.ndarray, *,
+                  k: int = N_NEIGHBOURS) -> np.ndarray:
+    """BLEEP's expression from an image (Xie et al. 2023): the mean values of the ``k`` reference cells
+    whose embeddings are the most similar (cosine, in the shared space) to each query's partner embedding."""
+    k = max(1, min(k, len(z_reference)))
+    qn = z_query / np.linalg.norm(z_query, axis=1, keepdims=True).clip(1e-12)
+    rn = z_reference / np.linalg.norm(z_reference, axis=1, keepdims=True).clip(1e-12)
+    top = np.argpartition(-(qn @ rn.T), k - 1, axis=1)[:, :k]
+    return y_reference[top].mean(axis=1)
+
+
+def _summary(pred: np.ndarray, true: np.ndarray, feature: str) -> dict[str, float]:
+    return {f"pearson_per_{feature}": float(np.nanmean(pearson_per_feature(pred, true))),
             "pearson_per_cell": float(np.nanmean(pearson_per_cell(pred, true)))}
 
 
@@ -91,12 +115,47 @@ def protein_predictions(data: ad.AnnData, *, partner: str, train: np.ndarray, te
     }
 
 
-def prediction_scores(predictions: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """``{metric: {method: value}}`` from :func:`protein_predictions`."""
+def rna_predictions(data: ad.AnnData, *, partner: str, source: np.ndarray, train: np.ndarray, test: np.ndarray,
+                    seed: int) -> dict[str, np.ndarray]:
+    """The held-out cells' RNA (log-normalised HVGs, ``data.X``) as each method predicts it from the partner
+    alone: model (align's predictor the other way), bleep, cca, knn, ridge, random; for spots with a
+    neighbour graph also model_ring (the model's predictions averaged over the spot and its first ring).
+
+    ``source`` is what the regressions read of the partner: the protein CLR, or the leading principal
+    components of the image patches (fitted on training cells). BLEEP's retrieval ranks the training
+    cells' RNA embeddings by their similarity to the held-out cell's partner embedding.
+    """
+    y = np.asarray(data.X.toarray() if hasattr(data.X, "toarray") else data.X, dtype=np.float64)
+    x = np.asarray(source, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    z_partner, z_rna = np.asarray(data.obsm[shared_key(partner)]), np.asarray(data.obsm[SHARED_RNA])
+    model = np.asarray(data.obsm[PREDICTED_RNA], dtype=np.float64)
+    ring = {}
+    if SPATIAL_CONNECTIVITIES in data.obsp:
+        # The spot's prediction averaged with its first ring's, each from its own patch: the neighbour
+        # graph lends the image's context, and no measured expression of any spot goes in.
+        graph = data.obsp[SPATIAL_CONNECTIVITIES]
+        degree = np.asarray(graph.sum(axis=1)).ravel()
+        ring = {"model_ring": ((model + graph @ model) / (1.0 + degree)[:, None])[test]}
+    return {
+        "measured": y[test],
+        "model": model[test],
+        **ring,
+        "bleep": bleep_predict(z_partner[test], z_rna[train], y[train]),
+        "cca": cca_predict(x[train], y[train], x[test], n_components=x.shape[1]),
+        "knn": knn_predict(x[train], y[train], x[test]),
+        "ridge": ridge_predict(x[train], y[train], x[test]),
+        "random": y[train][rng.integers(0, int(train.sum()), int(test.sum()))],
+    }
+
+
+def prediction_scores(predictions: Mapping[str, np.ndarray], *, feature: str = "protein") -> dict[str, dict[str, float]]:
+    """``{metric: {method: value}}`` from :func:`protein_predictions` (``feature`` protein) or
+    :func:`rna_predictions` (gene): mean Pearson r per feature over cells, and per cell over features."""
     true = predictions["measured"]
-    per_method = {name: _summary(pred, true) for name, pred in predictions.items() if name != "measured"}
+    per_method = {name: _summary(pred, true, feature) for name, pred in predictions.items() if name != "measured"}
     return {metric: {name: scores[metric] for name, scores in per_method.items()}
-            for metric in ("pearson_per_protein", "pearson_per_cell")}
+            for metric in (f"pearson_per_{feature}", "pearson_per_cell")}
 
 
 def energy_scores(data: ad.AnnData, *, partner: str, test: np.ndarray, seed: int) -> dict[str, float]:
@@ -135,9 +194,10 @@ def score(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray
           seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """metrics.json sections of the cross-modal stages, and the arrays their figures draw.
 
-    Returns ``(sections, drawn)``: ``sections`` holds ``alignment`` and, when align trained a predictor,
-    ``energy`` and (protein) ``prediction``; with the truth also ``compression``. ``drawn`` holds the
-    retrieval pairs (``pairs``) and the protein predictions (``predictions``) of the held-out cells.
+    Returns ``(sections, drawn)``: ``sections`` holds ``alignment`` and, when align trained its predictors,
+    ``energy`` and ``prediction`` (protein from RNA; RNA from protein or from the image); with the truth
+    also ``compression``. ``drawn`` holds the retrieval pairs (``pairs``) and the held-out cells'
+    predictions (``predictions``: direction -> method -> cells x features) that the figures draw.
     """
 
     za, zb = data.obsm[SHARED_RNA], data.obsm[shared_key(partner)]
@@ -150,12 +210,20 @@ def score(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray
     pairs = {"model": (za[test], zb[test]), "cca": cca, "random": ev.random_embedding(za[test], seed=seed)}
     sections: dict[str, Any] = {"alignment": {f"rna-{partner}": ev.compare_retrieval(pairs)}}
     drawn: dict[str, Any] = {"pairs": pairs}
+    predictions: dict[str, dict[str, np.ndarray]] = {}
     if predicted_key(partner) in data.obsm:
         sections["energy"] = energy_scores(data, partner=partner, test=test, seed=seed)
         if partner != IMAGE:
-            drawn["predictions"] = protein_predictions(data, partner=partner, train=train, test=test, seed=seed)
-            sections["prediction"] = {PREDICTION_KEYS.get(partner, f"{partner}_from_rna"):
-                                      prediction_scores(drawn["predictions"])}
+            predictions[PREDICTION_KEYS.get(partner, f"{partner}_from_rna")] = protein_predictions(
+                data, partner=partner, train=train, test=test, seed=seed)
+    if PREDICTED_RNA in data.obsm and data.n_vars:
+        predictions[RNA_FROM.get(partner, f"rna_from_{partner}")] = rna_predictions(
+            data, partner=partner, source=xb, train=train, test=test, seed=seed)
+    if predictions:
+        drawn["predictions"] = predictions
+        sections["prediction"] = {
+            key: prediction_scores(pred, feature="gene" if key.startswith("rna_from") else "protein")
+            for key, pred in predictions.items()}
     spaces = {"rna": EMBED_RNA, "shared": SHARED}
     if EMBED_JOINT in data.obsm:
         spaces = {"rna": EMBED_RNA, "joint": EMBED_JOINT, "shared": SHARED}
@@ -165,38 +233,69 @@ def score(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray
     return sections, drawn
 
 
-def predict_partner(out: ad.AnnData, partner: str, *, params: Mapping[str, Any], device: str, run,
-                     path: str) -> None:
-    """Train the partner's predictor from RNA on the training cells; record what it predicts for every cell.
-
-    ``obsm["X_predicted_<partner>"]`` (the partner's values from RNA alone), ``obsm["X_shared_<partner>_predicted"]``
-    (its shared embedding from RNA alone) and ``obs["pair_energy"]`` (how far the measured partner is from
-    the predicted one: a cell's two measurements that do not agree score high).
-    """
+def _train_predictor(arrays: list[np.ndarray], *, split: np.ndarray, params: Mapping[str, Any], device: str, run,
+                     prefix: str, what: str):
+    """A :class:`~virtualcell.models.predictor.CrossModalPredictor` fitted on the training cells of
+    ``arrays`` (source features, source and target shared embeddings, target values), keeping its best
+    validation epoch; its epochs log as ``<prefix>.<metric>``."""
     import functools
 
-    from virtualcell import io
     from virtualcell.models.predictor import CrossModalPredictor
-    from virtualcell.stages import ENERGY, _fit, say
+    from virtualcell.stages import _fit, say
 
-    split = out.obs["split"].to_numpy()
     train, val = split == "train", split == "val"
-    arrays = [np.asarray(out.obsm[k], dtype=np.float32)
-              for k in (EMBED_RNA, SHARED_RNA, shared_key(partner), input_key(partner))]
     model = CrossModalPredictor(arrays[0].shape[1], arrays[1].shape[1], arrays[3].shape[1],
                                 n_hidden=params["n_hidden"], dropout=params["dropout"])
-    say(f"align: JEPA-style predictor RNA -> {partner} on {int(train.sum())} cells")
+    say(f"align: JEPA-style predictor {what} on {int(train.sum())} cells")
     _fit(functools.partial(model.fit, *(a[train] for a in arrays),
                            validation=tuple(a[val] for a in arrays) if val.sum() > 1 else None,
                            epochs=params["predictor_epochs"], batch_size=params["batch_size"], lr=params["lr"],
                            seed=params["seed"], device=device),
-         run=run, prefix="align/predictor", checkpoint=None, every=0)
+         run=run, prefix=prefix, checkpoint=None, every=0)
+    if model.best_epoch is not None:
+        run.log_metrics({f"{prefix}.best_epoch": float(model.best_epoch)})
+        say(f"align: the predictor {what} keeps epoch {model.best_epoch} (lowest validation error)")
+    return model
+
+
+def predict_partner(out: ad.AnnData, partner: str, *, params: Mapping[str, Any], device: str, run,
+                    path: str, rna_path: str | None = None) -> None:
+    """Train the partner's predictor from RNA on the training cells, and (``rna_path``) RNA's predictor from
+    the partner; record what they predict for every cell.
+
+    From RNA: ``obsm["X_predicted_<partner>"]`` (the partner's values from RNA alone),
+    ``obsm["X_shared_<partner>_predicted"]`` (its shared embedding from RNA alone) and ``obs["pair_energy"]``
+    (how far the measured partner is from the predicted one: a cell's two measurements that do not agree
+    score high). From the partner: ``obsm["X_predicted_rna"]``, the log-normalised HVG expression of
+    ``out.X`` predicted from the protein or the image patch alone, and ``obsm["X_shared_rna_predicted"]``.
+    The partner's features it reads are the protein CLR, or the image patches' leading principal
+    components (fitted on training cells: a few hundred spots cannot fit a network on every pixel).
+    """
+    from virtualcell import io
+    from virtualcell.stages import ENERGY
+
+    split = out.obs["split"].to_numpy()
+    arrays = [np.asarray(out.obsm[k], dtype=np.float32)
+              for k in (EMBED_RNA, SHARED_RNA, shared_key(partner), input_key(partner))]
+    model = _train_predictor(arrays, split=split, params=params, device=device, run=run,
+                             prefix="align/predictor", what=f"RNA -> {partner}")
     predicted = model.predict_embedding(arrays[0], arrays[1])
     out.obsm[predicted_key(partner)] = model.decode(predicted)
     out.obsm[f"{shared_key(partner)}_predicted"] = predicted
     out.obs[ENERGY] = np.sum((predicted - arrays[2]) ** 2, axis=1)
-    if model.best_epoch is not None:
-        run.log_metrics({"align/predictor.best_epoch": float(model.best_epoch)})
-        say(f"align: the predictor keeps epoch {model.best_epoch} (lowest validation error of protein from RNA)")
     io.atomic_write(path, model.save)
     run.log_artifact(path, artifact_path="models")
+    if rna_path is None:
+        return
+    features = arrays[3]
+    if partner == IMAGE:
+        features = ev.pca_features(features, fit=split == "train", n_components=arrays[1].shape[1])
+    expression = np.asarray(out.X.toarray() if hasattr(out.X, "toarray") else out.X, dtype=np.float32)
+    reverse = _train_predictor([features.astype(np.float32), arrays[2], arrays[1], expression], split=split,
+                               params=params, device=device, run=run, prefix="align/predictor_rna",
+                               what=f"{partner} -> RNA ({expression.shape[1]} genes)")
+    predicted = reverse.predict_embedding(features, arrays[2])
+    out.obsm[PREDICTED_RNA] = reverse.decode(predicted)
+    out.obsm[PREDICTED_RNA_SHARED] = predicted
+    io.atomic_write(rna_path, reverse.save)
+    run.log_artifact(rna_path, artifact_path="models")

@@ -325,41 +325,61 @@ def alignment(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], *, labels: np.
     return fig
 
 
-def prediction(predictions: Mapping[str, np.ndarray], *, names: Sequence[str] = (), max_cells: int = 2000,
-               seed: int = 0):
-    """Protein predicted from RNA alone against the measured protein of held-out cells.
+# Up to this many features get a bar each; more (genes) are drawn as each method's sorted r.
+MAX_BARS = 40
 
-    Top: each protein's Pearson r (over cells) for the model and each baseline, proteins sorted by the
-    model's r. Bottom: predicted vs measured values of three proteins (the model's best, median and
-    worst), the identity line dashed. ``predictions`` is ``measured`` and method -> cells x proteins.
+
+def prediction(directions: Mapping[str, Mapping[str, np.ndarray]], *, names: Mapping[str, Sequence[str]] | None = None,
+               max_cells: int = 2000, seed: int = 0):
+    """Each direction of cross-modal prediction (``protein_from_rna``, ``rna_from_protein``, ``rna_from_image``)
+    against the measured values of held-out cells, one row per direction.
+
+    Left: each feature's Pearson r (over cells) for the model and each baseline; bars sorted by the
+    model's r for a panel of proteins, each method's r sorted from best to worst for genes. Right:
+    predicted vs measured values of the model's best, median and worst feature, the identity dashed.
+    ``directions`` maps a direction to ``measured`` and method -> cells x features; ``names`` a direction
+    to its features' names.
     """
     from virtualcell.crossmodal import pearson_per_feature
 
     plt = pyplot()
-    true = np.asarray(predictions["measured"])
-    methods = [m for m in predictions if m != "measured"]
-    names = list(names) if len(names) == true.shape[1] else [f"protein {j}" for j in range(true.shape[1])]
-    r = {m: pearson_per_feature(np.asarray(predictions[m]), true) for m in methods}
-    order = np.argsort(-np.nan_to_num(r["model"], nan=-1))
-    fig = plt.figure(figsize=(11, 7))
-    bars = fig.add_subplot(2, 1, 1)
-    width = 0.8 / len(methods)
-    for i, m in enumerate(methods):
-        bars.bar(np.arange(len(order)) + i * width, r[m][order], width=width,
-                 label=f"{m} (mean {np.nanmean(r[m]):.3f})")
-    bars.set_xticks(np.arange(len(order)) + 0.4 - width / 2, [names[j] for j in order], rotation=90, fontsize=6)
-    bars.set(ylabel="Pearson r over held-out cells", title="protein predicted from RNA alone, per protein")
-    bars.axhline(0, color="k", lw=0.5)
-    bars.legend(fontsize=7, ncol=len(methods))
-    cells = np.random.default_rng(seed).choice(len(true), size=min(len(true), max_cells), replace=False)
-    picks = [order[0], order[len(order) // 2], order[-1]]
-    for k, j in enumerate(picks):
-        ax = fig.add_subplot(2, 3, 4 + k)
-        pred = np.asarray(predictions["model"])[cells, j]
-        ax.scatter(true[cells, j], pred, s=3, alpha=0.4, rasterized=True)
-        lo, hi = float(min(true[cells, j].min(), pred.min())), float(max(true[cells, j].max(), pred.max()))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
-        ax.set(xlabel=f"measured {names[j]}", ylabel="predicted from RNA", title=f"r = {r['model'][j]:.2f}")
+    fig = plt.figure(figsize=(15, 4.2 * len(directions)))
+    grid = fig.add_gridspec(len(directions), 5)
+    rng = np.random.default_rng(seed)
+    for row, (direction, predictions) in enumerate(directions.items()):
+        true = np.asarray(predictions["measured"])
+        methods = [m for m in predictions if m != "measured"]
+        feature = "gene" if direction.startswith("rna_from") else "protein"
+        given = list((names or {}).get(direction, ()))
+        labels = given if len(given) == true.shape[1] else [f"{feature} {j}" for j in range(true.shape[1])]
+        r = {m: pearson_per_feature(np.asarray(predictions[m]), true) for m in methods}
+        order = np.argsort(-np.nan_to_num(r["model"], nan=-1))
+        order = order[~np.isnan(r["model"][order])]
+        bars = fig.add_subplot(grid[row, :2])
+        if len(order) <= MAX_BARS:
+            width = 0.8 / len(methods)
+            for i, m in enumerate(methods):
+                bars.bar(np.arange(len(order)) + i * width, r[m][order], width=width,
+                         label=f"{m} (mean {np.nanmean(r[m]):.3f})")
+            bars.set_xticks(np.arange(len(order)) + 0.4 - width / 2, [labels[j] for j in order], rotation=90,
+                            fontsize=6)
+        else:
+            for m in methods:
+                values = np.sort(r[m][~np.isnan(r[m])])[::-1]
+                bars.plot(np.arange(len(values)), values, lw=1.2 if m == "model" else 0.8,
+                          label=f"{m} (mean {np.nanmean(r[m]):.3f})")
+            bars.set_xlabel(f"{feature}s, each method's sorted from best to worst")
+        bars.set(ylabel="Pearson r over held-out cells", title=direction.replace("_", " ").replace("rna", "RNA") + f", per {feature}")
+        bars.axhline(0, color="k", lw=0.5)
+        bars.legend(fontsize=7, ncol=2)
+        cells = rng.choice(len(true), size=min(len(true), max_cells), replace=False)
+        for k, j in enumerate([order[0], order[len(order) // 2], order[-1]] if len(order) else []):
+            ax = fig.add_subplot(grid[row, 2 + k])
+            pred = np.asarray(predictions["model"])[cells, j]
+            ax.scatter(true[cells, j], pred, s=3, alpha=0.4, rasterized=True)
+            lo, hi = float(min(true[cells, j].min(), pred.min())), float(max(true[cells, j].max(), pred.max()))
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
+            ax.set(xlabel=f"measured {labels[j]}", ylabel="predicted", title=f"r = {r['model'][j]:.2f}")
     fig.tight_layout()
     return fig
 

@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from virtualcell import figures, io, reference, synthetic
 from virtualcell.errors import InputError
 from virtualcell.io import COUNTS_LAYER, PROT, RNA, SPATIAL
-from virtualcell.pairing import IMAGE, PATCH_SHAPE
+from virtualcell.pairing import IMAGE, PATCH_SHAPE, SPATIAL_CONNECTIVITIES, SPATIAL_DISTANCES, SPATIAL_NEIGHBORS
 from virtualcell.timecourse import NO_HOLDOUT, check_holdouts, observed_times, parse_holdout
 from virtualcell.tracking import JobRun
 
@@ -268,6 +268,10 @@ def pair(*, input: str, output: str, split: str, params: Mapping[str, Any], run:
     if IMAGE in paired.mod:
         # What the aligner will see of the tissue: a sample of the spot <-> patch pairs.
         run.log_figure(figures.patches(paired), "image_patches.png")
+        graph = paired.mod[io.expression_modality(paired)].obsp[SPATIAL_CONNECTIVITIES]
+        degree = float(graph.sum() / max(graph.shape[0], 1))
+        run.log_metrics({"pair/spatial_neighbours_per_spot": degree})
+        say(f"pair: spatial neighbour graph, {degree:.2f} neighbours per spot (obsp['{SPATIAL_CONNECTIVITIES}'])")
     io.write_table(table, split)
     io.write_h5mu(paired, output)
     say(f"paired {paired.n_obs} {'spots with their image patches' if IMAGE in paired.mod else 'cells'}: "
@@ -289,6 +293,16 @@ def _model_inputs(paired) -> tuple[Any, Any, pd.DataFrame, str]:
     x_prot = _counts(paired.mod[PROT].layers[COUNTS_LAYER]) if PROT in paired.mod else None
     obs = rna.obs[[c for c in CARRIED_OBS if c in rna.obs]].copy()
     return x_rna, x_prot, obs, "nb" if counts else "gaussian"
+
+
+def _carry_graph(source: ad.AnnData, out: ad.AnnData) -> None:
+    """The spots' neighbour graph (pair's, in squidpy's layout) onto a later stage's output, same spots in order."""
+    if SPATIAL_CONNECTIVITIES in source.obsp:
+        if not source.obs_names.equals(out.obs_names):
+            raise ValueError("the spatial graph's spots differ from the output's")  # a bug, not bad input
+        for key in (SPATIAL_CONNECTIVITIES, SPATIAL_DISTANCES):
+            out.obsp[key] = source.obsp[key]
+        out.uns[SPATIAL_NEIGHBORS] = dict(source.uns[SPATIAL_NEIGHBORS])
 
 
 def _counts(x: Any) -> Any:
@@ -355,6 +369,7 @@ def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: 
                  else np.concatenate([x_rna, x_prot], axis=1))
         blocks["joint"] = (joint, [x_rna.shape[1], x_prot.shape[1]], [likelihood, "nb"], joint_model, EMBED_JOINT)
     out = ad.AnnData(obs=obs)
+    _carry_graph(paired.mod[io.expression_modality(paired)], out)
     _reference_space(paired, out)
     histories = {}
     checkpoints = []
@@ -393,9 +408,13 @@ def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: 
 
 def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
           params: Mapping[str, Any], device: str, run: JobRun, checkpoint_every: int = 0,
-          predictor: str | None = None) -> None:
+          predictor: str | None = None, rna_predictor: str | None = None) -> None:
     """Contrastive alignment of the expression with its partner modality, then (``predictor``) the
-    JEPA-style predictor of the partner from the expression (:func:`_predict_partner`)."""
+    JEPA-style predictor of the partner from the expression and (``rna_predictor``) of the expression
+    from the partner (:func:`virtualcell.crossmodal.predict_partner`).
+
+    The output's ``X`` is the cells' measured log-normalised expression of the HVGs (sparse, as QC
+    stores it): what RNA predicted from the partner is scored against."""
     from virtualcell.evaluate import retrieval_metrics
     from virtualcell.models.contrastive import Aligner
 
@@ -437,7 +456,14 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     )
     za, zb = aligner.embed("rna", xa), aligner.embed(partner, xb)
     both = za + zb
-    out = ad.AnnData(obs=emb.obs.copy(), uns=dict(emb.uns))
+    expression = paired.mod[io.expression_modality(paired)][emb.obs_names]
+    hvg = (expression.var["highly_variable"].to_numpy() if "highly_variable" in expression.var
+           else np.ones(expression.n_vars, bool))
+    x = expression.X[:, hvg]
+    out = ad.AnnData(X=sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32),
+                     obs=emb.obs.copy(), var=pd.DataFrame(index=expression.var_names[hvg].copy()),
+                     uns=dict(emb.uns))
+    _carry_graph(emb, out)
     for key in (PCA5, RNA_PCA, EMBED_JOINT, synthetic.LATENT_KEY):
         if key in emb.obsm:
             out.obsm[key] = emb.obsm[key]
@@ -453,7 +479,8 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     if predictor:
         from virtualcell import crossmodal
 
-        crossmodal.predict_partner(out, partner, params=params, device=device, run=run, path=predictor)
+        crossmodal.predict_partner(out, partner, params=params, device=device, run=run, path=predictor,
+                                   rna_path=rna_predictor)
     plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([h["loss"] for h in history], label="train")
@@ -586,7 +613,9 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
             io.write_figure(fig, alignment_figure)
             alignment_figure = None
         if prediction_figure and "predictions" in drawn:
-            fig = figures.prediction(drawn["predictions"], names=list(data.uns.get(PARTNER_NAMES, [])))
+            fig = figures.prediction(drawn["predictions"], names={
+                "protein_from_rna": list(data.uns.get(PARTNER_NAMES, [])),
+                **{key: list(data.var_names) for key in drawn["predictions"] if key.startswith("rna_from")}})
             run.log_figure(fig, "prediction.png")
             io.write_figure(fig, prediction_figure)
             prediction_figure = None
@@ -627,7 +656,7 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
         io.write_figure(figures.placeholder("no alignment\n(no partner modality, or too few test cells)"),
                         alignment_figure)
     if prediction_figure:
-        io.write_figure(figures.placeholder("no cross-modal prediction\n(no protein, or too few test cells)"),
+        io.write_figure(figures.placeholder("no cross-modal prediction\n(no partner modality, or too few test cells)"),
                         prediction_figure)
     run.log_metrics({f"evaluate/{k}": v for k, v in _flat_metrics(metrics).items()})
     run.log_dict(metrics, "metrics.json")

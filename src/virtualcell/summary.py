@@ -98,12 +98,14 @@ def verdicts(metrics: Mapping[str, Any]) -> list[str]:
             out.append(_versus(f"Cross-modal matching {pair_name} (FOSCTTM)", section["foscttm"], baseline="cca",
                                lower_better=True, unit="FOSCTTM"))
     for what, section in metrics.get("prediction", {}).items():
-        scores = section.get("pearson_per_protein", {})
-        baselines = {m: v for m, v in scores.items() if m not in ("model", "random")}
+        feature = "gene" if what.startswith("rna_from") else "protein"
+        scores = section.get(f"pearson_per_{feature}", {})
+        # model_ring (spots) is the model's own prediction smoothed over the neighbour graph, no baseline
+        baselines = {m: v for m, v in scores.items() if not m.startswith("model") and m != "random"}
         if "model" in scores and baselines:
             best = max(baselines, key=baselines.get)
             label = what.replace("_", " ").replace("rna", "RNA").capitalize().replace("rna", "RNA")
-            out.append(_versus(f"{label} (mean per-protein Pearson r, best baseline)", scores,
+            out.append(_versus(f"{label} (mean per-{feature} Pearson r, best baseline)", scores,
                                baseline=best, lower_better=False, unit="Pearson r"))
     compression = metrics.get("compression", {})
     for key, label in (("knn_fate", "kNN accuracy of the true fate"), ("r2_latent", "R² of the true latent")):
@@ -135,8 +137,8 @@ def headline_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
     fate = metrics.get("fate", {}).get("pearson_r", {})
     picks |= {f"fate.pearson_r.{m}": fate.get(m) for m in ("model", "no_dynamics")}
     for what, section in metrics.get("prediction", {}).items():
-        scores = section.get("pearson_per_protein", {})
-        picks |= {f"{what}.pearson_per_protein.{m}": scores.get(m) for m in ("model", "knn", "ridge")}
+        metric = "pearson_per_gene" if what.startswith("rna_from") else "pearson_per_protein"
+        picks |= {f"{what}.{metric}.{m}": section.get(metric, {}).get(m) for m in ("model", "knn", "ridge")}
     return {k: f"{v:.3f}" for k, v in picks.items() if isinstance(v, int | float)}
 
 

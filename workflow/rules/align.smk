@@ -6,6 +6,7 @@ rule align:
         shared=f"{RESULTS}/{{dataset}}/align/shared.h5ad",
         model=f"{RESULTS}/{{dataset}}/align/aligner.pt",
         predictor=f"{RESULTS}/{{dataset}}/align/predictor.pt",
+        rna_predictor=f"{RESULTS}/{{dataset}}/align/predictor_rna.pt",
         figure=report(
             f"{RESULTS}/{{dataset}}/align/loss.png",
             caption="../report/align.rst",
@@ -29,6 +30,6 @@ rule align:
     shell:
         "virtualcell align --dataset {wildcards.dataset} --input {input.data}"
         " --embeddings {input.embeddings} --output {output.shared} --model {output.model}"
-        " --predictor {output.predictor}"
+        " --predictor {output.predictor} --rna-predictor {output.rna_predictor}"
         " --figure {output.figure} --device {params.device}"
         " --params {params.cfg:q} --jobid {jobid} --threads {threads} > {log} 2>&1"
