@@ -10,11 +10,20 @@ from virtualcell.pairing import image_patches, pair, split_cells
 from virtualcell.synthetic import generate
 
 
-def test_pair_keeps_cells_in_both_modalities_in_one_order(tiny_mdata):
-    mdata = md.MuData({"rna": tiny_mdata["rna"].copy(), "prot": tiny_mdata["prot"][10:].copy()})
-    out = pair(mdata, val_fraction=0.1, test_fraction=0.2, seed=0)
-    assert out.n_obs == tiny_mdata["rna"].n_obs - 10
-    assert list(out["rna"].obs_names) == list(out["prot"].obs_names)
+def test_pair_keeps_cells_measured_in_rna_alone_marked_and_the_pairs_in_one_order(tiny_mdata):
+    from virtualcell.pairing import MODALITIES_KEY, has_partner
+
+    rna = tiny_mdata["rna"]
+    # 10 cells lack their protein; 5 protein barcodes have no RNA
+    prot = ad.concat([tiny_mdata["prot"][10:], tiny_mdata["prot"][:5]])
+    prot.obs_names = list(prot.obs_names[:-5]) + [f"no_rna_{i}" for i in range(5)]
+    out = pair(md.MuData({"rna": rna.copy(), "prot": prot}), val_fraction=0.1, test_fraction=0.2, seed=0)
+    assert out.n_obs == rna.n_obs and list(out.obs_names) == list(rna.obs_names)
+    assert list(out["prot"].obs_names) == list(rna.obs_names[10:])
+    marked = out["rna"].obs[MODALITIES_KEY].astype(str)
+    assert (marked[:10] == "rna").all() and (marked[10:] == "rna+prot").all()
+    assert has_partner(out["rna"].obs).sum() == rna.n_obs - 10
+    assert out.obs["split"].notna().all() and out["prot"].obs["split"].notna().all()
     fractions = out.obs["split"].value_counts(normalize=True)
     assert abs(fractions["test"] - 0.2) < 0.05 and abs(fractions["val"] - 0.1) < 0.05
     # every time point appears in every split

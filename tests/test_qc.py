@@ -38,6 +38,23 @@ def test_qc_filters_normalises_and_keeps_counts(tiny_mdata):
     assert list(out["prot"].obs_names) == list(rna.obs_names)
 
 
+def test_cells_without_protein_keep_their_rna_and_the_protein_filters_judge_the_others(tiny_mdata):
+    rna, prot = tiny_mdata["rna"], tiny_mdata["prot"]
+    missing = rna.obs_names[:15]
+    mdata = md.MuData({"rna": rna.copy(), "prot": prot[~prot.obs_names.isin(missing)].copy()})
+    total = np.asarray(prot.X.sum(axis=1)).ravel()
+    threshold = float(np.quantile(total, 0.2))
+    out, summary = run_qc(mdata, **{**PARAMS, "min_protein_counts": threshold}, doublets=NO_DOUBLETS)
+    kept = out["rna"].obs_names
+    baseline, _ = run_qc(tiny_mdata, **PARAMS, doublets=NO_DOUBLETS)
+    # the cells measured in RNA alone pass if their RNA passes; the protein filter removes low-protein cells
+    assert set(missing) & set(baseline["rna"].obs_names) <= set(kept)
+    low = prot.obs_names[total < threshold].difference(missing)
+    assert not set(low) & set(kept) and len(low) > 0
+    assert set(out["prot"].obs_names) == set(kept) - set(missing)
+    assert summary["modalities"]["prot"]["cells_with_rna_only"] == len(set(missing) & set(kept))
+
+
 def test_qc_removes_the_low_quality_cells_the_generator_made(tiny_mdata):
     out, summary = run_qc(tiny_mdata, **PARAMS)
     low = tiny_mdata["rna"].obs["low_quality"]

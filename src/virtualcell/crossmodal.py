@@ -182,6 +182,10 @@ def compression_scores(data: ad.AnnData, spaces: Mapping[str, str], *, train: np
     latent = np.asarray(data.obsm[synthetic.LATENT_KEY], dtype=np.float64)
     fate = data.obs["fate"].astype(str).to_numpy()
     out: dict[str, dict[str, float]] = {"knn_fate": {}, "r2_latent": {}}
+    # Scored on the cells every space embeds (the joint VAE has no latent for a cell without protein),
+    # so that the spaces are compared on the same cells.
+    embedded = np.all([np.isfinite(np.asarray(data.obsm[k])).all(axis=1) for k in spaces.values()], axis=0)
+    train, test = train & embedded, test & embedded
     for name, key in spaces.items():
         x = np.asarray(data.obsm[key], dtype=np.float64)
         knn = KNeighborsClassifier(n_neighbors=N_NEIGHBOURS).fit(x[train], fate[train])
@@ -200,6 +204,13 @@ def score(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray
     predictions (``predictions``: direction -> method -> cells x features) that the figures draw.
     """
 
+    from virtualcell.pairing import has_partner
+
+    # Every cross-modal score needs both measurements: cells measured in RNA alone sit out
+    # (compression, which reads embeddings only, keeps them where the embedding exists).
+    paired = has_partner(data.obs)
+    all_train, all_test = train, test
+    train, test = train & paired, test & paired
     za, zb = data.obsm[SHARED_RNA], data.obsm[shared_key(partner)]
     xa, xb = np.asarray(data.obsm[EMBED_RNA]), np.asarray(data.obsm[input_key(partner)])
     if partner == IMAGE:
@@ -227,15 +238,15 @@ def score(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray
     spaces = {"rna": EMBED_RNA, "shared": SHARED}
     if EMBED_JOINT in data.obsm:
         spaces = {"rna": EMBED_RNA, "joint": EMBED_JOINT, "shared": SHARED}
-    compression = compression_scores(data, spaces, train=train, test=test)
+    compression = compression_scores(data, spaces, train=all_train, test=all_test)
     if compression:
         sections["compression"] = compression
     return sections, drawn
 
 
-def _train_predictor(arrays: list[np.ndarray], *, split: np.ndarray, params: Mapping[str, Any], device: str, run,
-                     prefix: str, what: str):
-    """A :class:`~virtualcell.models.predictor.CrossModalPredictor` fitted on the training cells of
+def _train_predictor(arrays: list[np.ndarray], *, split: np.ndarray, paired: np.ndarray, params: Mapping[str, Any],
+                     device: str, run, prefix: str, what: str):
+    """A :class:`~virtualcell.models.predictor.CrossModalPredictor` fitted on the paired training cells of
     ``arrays`` (source features, source and target shared embeddings, target values), keeping its best
     validation epoch; its epochs log as ``<prefix>.<metric>``."""
     import functools
@@ -243,7 +254,7 @@ def _train_predictor(arrays: list[np.ndarray], *, split: np.ndarray, params: Map
     from virtualcell.models.predictor import CrossModalPredictor
     from virtualcell.stages import _fit, say
 
-    train, val = split == "train", split == "val"
+    train, val = (split == "train") & paired, (split == "val") & paired
     model = CrossModalPredictor(arrays[0].shape[1], arrays[1].shape[1], arrays[3].shape[1],
                                 n_hidden=params["n_hidden"], dropout=params["dropout"])
     say(f"align: JEPA-style predictor {what} on {int(train.sum())} cells")
@@ -272,17 +283,20 @@ def predict_partner(out: ad.AnnData, partner: str, *, params: Mapping[str, Any],
     components (fitted on training cells: a few hundred spots cannot fit a network on every pixel).
     """
     from virtualcell import io
+    from virtualcell.pairing import has_partner
     from virtualcell.stages import ENERGY
 
     split = out.obs["split"].to_numpy()
+    # Cells measured in RNA alone (NaN partner rows) are not trained on; their partner is predicted.
+    paired = has_partner(out.obs)
     arrays = [np.asarray(out.obsm[k], dtype=np.float32)
               for k in (EMBED_RNA, SHARED_RNA, shared_key(partner), input_key(partner))]
-    model = _train_predictor(arrays, split=split, params=params, device=device, run=run,
+    model = _train_predictor(arrays, split=split, paired=paired, params=params, device=device, run=run,
                              prefix="align/predictor", what=f"RNA -> {partner}")
     predicted = model.predict_embedding(arrays[0], arrays[1])
     out.obsm[predicted_key(partner)] = model.decode(predicted)
     out.obsm[f"{shared_key(partner)}_predicted"] = predicted
-    out.obs[ENERGY] = np.sum((predicted - arrays[2]) ** 2, axis=1)
+    out.obs[ENERGY] = np.sum((predicted - arrays[2]) ** 2, axis=1)  # NaN without a measured partner
     io.atomic_write(path, model.save)
     run.log_artifact(path, artifact_path="models")
     if rna_path is None:
@@ -290,12 +304,17 @@ def predict_partner(out: ad.AnnData, partner: str, *, params: Mapping[str, Any],
     features = arrays[3]
     if partner == IMAGE:
         features = ev.pca_features(features, fit=split == "train", n_components=arrays[1].shape[1])
+    features = features.astype(np.float32)
     expression = np.asarray(out.X.toarray() if hasattr(out.X, "toarray") else out.X, dtype=np.float32)
-    reverse = _train_predictor([features.astype(np.float32), arrays[2], arrays[1], expression], split=split,
+    reverse = _train_predictor([features, arrays[2], arrays[1], expression], split=split, paired=paired,
                                params=params, device=device, run=run, prefix="align/predictor_rna",
                                what=f"{partner} -> RNA ({expression.shape[1]} genes)")
-    predicted = reverse.predict_embedding(features, arrays[2])
-    out.obsm[PREDICTED_RNA] = reverse.decode(predicted)
+    # Cells without a measured partner have nothing to predict their RNA from (NaN rows).
+    predicted = np.full_like(arrays[1], np.nan)
+    predicted[paired] = reverse.predict_embedding(features[paired], arrays[2][paired])
+    values = np.full_like(expression, np.nan)
+    values[paired] = reverse.decode(predicted[paired])
+    out.obsm[PREDICTED_RNA] = values
     out.obsm[PREDICTED_RNA_SHARED] = predicted
     io.atomic_write(rna_path, reverse.save)
     run.log_artifact(rna_path, artifact_path="models")

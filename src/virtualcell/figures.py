@@ -169,7 +169,11 @@ def embedding_inputs(data, *, spaces: Mapping[str, str], partner: Mapping[str, s
     """The arrays :func:`embeddings` lays out (an obsm key each, and ``MODALITIES`` for both partners'
     shared embeddings together), subsampled to ``UMAP_MAX_CELLS``, and what drawing them needs."""
     rng = np.random.default_rng(seed)
-    cells = np.sort(rng.choice(data.n_obs, size=min(UMAP_MAX_CELLS, data.n_obs), replace=False))
+    # The cells every drawn embedding has (a cell measured in RNA alone has no joint latent, nor a
+    # measured partner embedding), so that each panel shows the same cells.
+    keys = [k for k in spaces.values() if k in data.obsm] + list((partner or {}).values())
+    embedded = np.flatnonzero(np.all([np.isfinite(np.asarray(data.obsm[k])).all(axis=1) for k in keys], axis=0))
+    cells = np.sort(rng.choice(embedded, size=min(UMAP_MAX_CELLS, len(embedded)), replace=False))
     arrays = {key: np.asarray(data.obsm[key])[cells] for key in spaces.values() if key in data.obsm}
     drawn: dict[str, Any] = {"cells": cells}
     if partner:

@@ -35,9 +35,20 @@ SPATIAL_NEIGHBORS = "spatial_neighbors"
 RING_TOLERANCE = 1.2
 
 
+MODALITIES_KEY = "modalities"  # obs: what a cell was measured in, "rna+prot" or "rna" (its protein missing)
+PAIRED, RNA_ONLY = "rna+prot", "rna"
+
+
+def has_partner(obs: pd.DataFrame) -> np.ndarray:
+    """Which cells were measured in the partner modality too (all, without a ``modalities`` column)."""
+    if MODALITIES_KEY not in obs:
+        return np.ones(len(obs), dtype=bool)
+    return obs[MODALITIES_KEY].astype(str).to_numpy() != RNA_ONLY
+
+
 def paired_cells(mdata: md.MuData, *, origin: str = "input") -> pd.Index:
     """Cells measured in both RNA and protein (or in RNA alone when there is no protein); for a
-    spatial section without RNA, its spots."""
+    spatial section without RNA, its spots. Raises when RNA and protein share no cell at all."""
     expression = expression_modality(mdata)
     cells = mdata.mod[expression].obs_names
     if PROT in mdata.mod and expression == RNA:
@@ -126,16 +137,22 @@ def pair(
 
     Returns
     -------
-    A MuData of the paired cells, in the same order in every modality, with
-    ``obs["split"]`` (train/val/test) on the MuData and on each modality. For spots
+    A MuData of the RNA's cells with ``obs["split"]`` (train/val/test) on the MuData and on each
+    modality. With protein, a cell measured in RNA alone is kept and marked (``obs["modalities"]``
+    ``rna``; paired cells ``rna+prot``); the protein modality holds the paired cells, in the RNA's
+    order. For spots
     without RNA: modalities ``spatial`` (the section's images left out: the patches
     carry them on) and ``image`` (``X``: flattened RGB patches in [0, 1],
     ``uns["patch_shape"]`` = [3, patch_size, patch_size]).
     """
-    cells = paired_cells(mdata, origin=origin)
+    paired = paired_cells(mdata, origin=origin)
     expression = expression_modality(mdata)
-    partners = (PROT,) if expression == RNA else ()
-    mods = {name: mdata.mod[name][cells].copy() for name in (expression, *partners) if name in mdata.mod}
+    cells = mdata.mod[expression].obs_names
+    mods = {expression: mdata.mod[expression].copy()}
+    if expression == RNA and PROT in mdata.mod:
+        mods[PROT] = mdata.mod[PROT][cells[cells.isin(paired)]].copy()
+        mods[RNA].obs[MODALITIES_KEY] = pd.Categorical(np.where(cells.isin(paired), PAIRED, RNA_ONLY),
+                                                       categories=[PAIRED, RNA_ONLY])
     if expression == SPATIAL:
         spots = mods[SPATIAL]
         patches = image_patches(spots, size=patch_size, diameter_scale=patch_diameter_scale, origin=origin)
@@ -154,7 +171,10 @@ def pair(
         adata.obs["split"] = pd.Categorical(split.reindex(adata.obs_names), categories=SPLITS)
     out = md.MuData(mods)
     out.uns.update(dict(mdata.uns))
+    out = out[mods[expression].obs_names].copy()  # the RNA's cells, in its order
     out.obs["split"] = mods[expression].obs["split"]
+    if MODALITIES_KEY in mods[expression].obs:
+        out.obs[MODALITIES_KEY] = mods[expression].obs[MODALITIES_KEY]
     return out
 
 

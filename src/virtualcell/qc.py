@@ -236,12 +236,17 @@ def run_qc(
                                        log1p=metric in MAD_ON_LOG1P, upper_only=metric in MAD_UPPER_ONLY)
                 chain.apply(f"mad.{metric}", ~outlier, rna.obs[metric], n_mads, metric=metric)
         if proteins is not None:
-            # A cell kept for RNA must have its protein counts too: the alignment pairs the two.
-            chain.at_least("min_protein_counts", proteins.obs[TOTAL_COUNTS].reindex(rna.obs_names),
-                           min_protein_counts, metric=f"protein {TOTAL_COUNTS}")
+            # The protein filters judge the cells that have protein; a cell measured in RNA alone is
+            # kept (pair marks it, align fills in its protein embedding from its RNA).
+            has_protein = rna.obs_names.isin(proteins.obs_names)
+            total = proteins.obs[TOTAL_COUNTS].reindex(rna.obs_names)
+            chain.apply("min_protein_counts", ~has_protein | (total.to_numpy(dtype=float) >= min_protein_counts),
+                        total, min_protein_counts, metric=f"protein {TOTAL_COUNTS}")
             if prot_cfg.max_isotype_counts is not None:
-                chain.at_most("prot.max_isotype_counts", proteins.obs[ISOTYPE_COUNTS].reindex(rna.obs_names),
-                              prot_cfg.max_isotype_counts, metric=f"protein {ISOTYPE_COUNTS}")
+                isotype = proteins.obs[ISOTYPE_COUNTS].reindex(rna.obs_names)
+                chain.apply("prot.max_isotype_counts",
+                            ~has_protein | (isotype.to_numpy(dtype=float) <= prot_cfg.max_isotype_counts),
+                            isotype, prot_cfg.max_isotype_counts, metric=f"protein {ISOTYPE_COUNTS}")
         doublet_report: dict[str, Any] = {"detected": False}
         if doublet_cfg.detect and counts:
             doublet_report = score_doublets(rna, cells=chain.keep, batch=chain.batch, settings=doublet_cfg,
@@ -255,10 +260,13 @@ def run_qc(
             report[RNA]["skipped"] = skipped
         mods[RNA] = rna
         if proteins is not None:
-            proteins = proteins[rna.obs_names].copy()
+            without_rna = int((~proteins.obs_names.isin(mdata.mod[RNA].obs_names)).sum())
+            proteins = proteins[rna.obs_names[rna.obs_names.isin(proteins.obs_names)]].copy()
 
     if proteins is not None:
-        extra: dict[str, Any] = {"cells_follow": RNA}
+        # Cells measured in protein alone have no RNA, which every later stage starts from: dropped, counted.
+        extra: dict[str, Any] = {"cells_follow": RNA, "cells_without_rna_removed": without_rna,
+                                 "cells_with_rna_only": int(mods[RNA].n_obs - proteins.n_obs)}
         if RNA not in mdata.mod:
             chain = FilterChain(proteins.obs, unit="cell", origin=origin)
             chain.at_least("min_protein_counts", proteins.obs[TOTAL_COUNTS], min_protein_counts)

@@ -25,7 +25,8 @@ import scipy.sparse as sp
 from virtualcell import figures, io, reference, synthetic
 from virtualcell.errors import InputError
 from virtualcell.io import COUNTS_LAYER, PROT, RNA, SPATIAL
-from virtualcell.pairing import IMAGE, PATCH_SHAPE, SPATIAL_CONNECTIVITIES, SPATIAL_DISTANCES, SPATIAL_NEIGHBORS
+from virtualcell.pairing import (IMAGE, MODALITIES_KEY, PATCH_SHAPE, SPATIAL_CONNECTIVITIES, SPATIAL_DISTANCES,
+                                 SPATIAL_NEIGHBORS, has_partner)
 from virtualcell.timecourse import NO_HOLDOUT, check_holdouts, observed_times, parse_holdout
 from virtualcell.tracking import JobRun
 
@@ -42,7 +43,7 @@ ENERGY = "pair_energy"  # obs: the predictor's squared error on a cell's measure
 PARTNER = "partner"
 PARTNER_NAMES = "partner_features"  # align's output: the names of the partner's values (the proteins)
 # obs columns carried from the paired data into the embedding files
-CARRIED_OBS = ("split", "time", "batch", "condition", "celltype", "fate")
+CARRIED_OBS = ("split", "time", "batch", "condition", "celltype", "fate", MODALITIES_KEY)
 
 
 def shared_key(partner: str) -> str:
@@ -263,6 +264,14 @@ def pair(*, input: str, output: str, split: str, params: Mapping[str, Any], run:
     paired = pair_cells(mdata, origin=input, **params)
     counts = paired.obs["split"].value_counts()
     run.log_metrics({f"pair/{s}_cells": int(n) for s, n in counts.items()} | {"pair/cells": paired.n_obs})
+    if PROT in paired.mod:
+        # Counted per modality: cells measured in RNA alone are kept; align fills in their protein.
+        rna_only = int((~has_partner(paired.mod[RNA].obs)).sum())
+        run.log_metrics({"pair/cells.rna": paired.mod[RNA].n_obs, "pair/cells.prot": paired.mod[PROT].n_obs,
+                         "pair/cells.rna_only": rna_only})
+        if rna_only:
+            say(f"pair: {rna_only} of {paired.mod[RNA].n_obs} cells were measured in RNA alone: kept, marked "
+                f"obs['{MODALITIES_KEY}'] = 'rna'; align predicts their protein from their RNA")
     table = paired.obs[["split"]].copy()
     run.log_table(table, "split.tsv")
     if IMAGE in paired.mod:
@@ -290,6 +299,7 @@ def _model_inputs(paired) -> tuple[Any, Any, pd.DataFrame, str]:
     hvg = rna.var["highly_variable"].to_numpy() if "highly_variable" in rna.var else slice(None)
     counts = io.values_of(rna) == "counts"
     x_rna = _counts((rna.layers[COUNTS_LAYER] if counts else rna.X)[:, hvg])
+    # The protein's rows are the paired cells (obs["modalities"]), in the RNA's order.
     x_prot = _counts(paired.mod[PROT].layers[COUNTS_LAYER]) if PROT in paired.mod else None
     obs = rna.obs[[c for c in CARRIED_OBS if c in rna.obs]].copy()
     return x_rna, x_prot, obs, "nb" if counts else "gaussian"
@@ -363,29 +373,37 @@ def embed(*, input: str, output: str, rna_model: str, joint_model: str, figure: 
     val = (obs["split"] == "val").to_numpy()
     module_kwargs = {k: params[k] for k in ("n_latent", "n_hidden", "n_layers", "dropout")}
     fit_kwargs = {k: params[k] for k in ("epochs", "batch_size", "lr", "seed")}
-    blocks = {"rna": (x_rna, [x_rna.shape[1]], [likelihood], rna_model, EMBED_RNA)}
+    everyone = np.ones(len(obs), dtype=bool)
+    blocks = {"rna": (x_rna, everyone, [x_rna.shape[1]], [likelihood], rna_model, EMBED_RNA)}
     if x_prot is not None and params["joint"]:
-        joint = (sp.hstack([x_rna, x_prot], format="csr") if sp.issparse(x_rna) or sp.issparse(x_prot)
-                 else np.concatenate([x_rna, x_prot], axis=1))
-        blocks["joint"] = (joint, [x_rna.shape[1], x_prot.shape[1]], [likelihood, "nb"], joint_model, EMBED_JOINT)
+        # The joint encoder reads both modalities: it is fitted on, and encodes, the paired cells; a
+        # cell measured in RNA alone has no joint latent (NaN), only its RNA one.
+        both = has_partner(obs)
+        joint = (sp.hstack([x_rna[both], x_prot], format="csr") if sp.issparse(x_rna) or sp.issparse(x_prot)
+                 else np.concatenate([x_rna[both], x_prot], axis=1))
+        blocks["joint"] = (joint, both, [x_rna.shape[1], x_prot.shape[1]], [likelihood, "nb"], joint_model,
+                           EMBED_JOINT)
     out = ad.AnnData(obs=obs)
     _carry_graph(paired.mod[io.expression_modality(paired)], out)
     _reference_space(paired, out)
     histories = {}
     checkpoints = []
-    for name, (x, sizes, likelihoods, path, key) in blocks.items():
-        say(f"embed: training the {name} VAE ({' + '.join(likelihoods)} likelihood) on {int(train.sum())} cells x "
+    for name, (x, rows, sizes, likelihoods, path, key) in blocks.items():
+        tr, va = train[rows], val[rows]
+        say(f"embed: training the {name} VAE ({' + '.join(likelihoods)} likelihood) on {int(tr.sum())} cells x "
             f"{x.shape[1]} features")
         # An all-count model keeps its saved settings as before (no likelihoods key).
         extra = {} if set(likelihoods) == {"nb"} else {"likelihoods": likelihoods}
         model = CountEncoder(sizes, **module_kwargs, **extra)
-        checkpoints.append(checkpoint_file(path, every=checkpoint_every, arrays=[x[train], x[val]],
+        checkpoints.append(checkpoint_file(path, every=checkpoint_every, arrays=[x[tr], x[va]],
                                            settings={"params": params, "network": _network(model)}))
         histories[name] = _fit(
-            functools.partial(model.fit, x[train], x_val=x[val] if val.any() else None, device=device, **fit_kwargs),
+            functools.partial(model.fit, x[tr], x_val=x[va] if va.any() else None, device=device, **fit_kwargs),
             run=run, prefix=f"embed/{name}", checkpoint=checkpoints[-1], every=checkpoint_every,
         )
-        out.obsm[key] = model.encode(x)
+        latent = np.full((len(obs), params["n_latent"]), np.nan, dtype=np.float32)
+        latent[rows] = model.encode(x)
+        out.obsm[key] = latent
         io.atomic_write(path, model.save)
         run.log_artifact(path, artifact_path="models")
     if "joint" not in blocks:
@@ -429,9 +447,13 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
         )
     emb = io.read_h5ad(embeddings)
     xa = np.asarray(emb.obsm[EMBED_RNA], dtype=np.float32)
-    xb = _dense(paired.mod[partner][emb.obs_names].X)
+    # Cells measured in RNA alone have no partner values (NaN rows): CLIP learns from the pairs.
+    has = has_partner(emb.obs)
+    measured = _dense(paired.mod[partner][emb.obs_names[has]].X)
+    xb = np.full((emb.n_obs, measured.shape[1]), np.nan, dtype=np.float32)
+    xb[has] = measured
     split = emb.obs["split"].to_numpy()
-    train, val = split == "train", split == "val"
+    train, val = (split == "train") & has, (split == "val") & has
     image_shapes = None
     if partner == IMAGE:
         image_shapes = {IMAGE: [int(v) for v in paired.mod[IMAGE].uns[PATCH_SHAPE]]}
@@ -454,8 +476,9 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
         ),
         run=run, prefix="align", checkpoint=checkpoint, every=checkpoint_every,
     )
-    za, zb = aligner.embed("rna", xa), aligner.embed(partner, xb)
-    both = za + zb
+    za = aligner.embed("rna", xa)
+    zb = np.full_like(za, np.nan)
+    zb[has] = aligner.embed(partner, xb[has])
     expression = paired.mod[io.expression_modality(paired)][emb.obs_names]
     hvg = (expression.var["highly_variable"].to_numpy() if "highly_variable" in expression.var
            else np.ones(expression.n_vars, bool))
@@ -472,8 +495,7 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
         out.uns[PARTNER_NAMES] = np.asarray(paired.mod[PROT].var_names, dtype=str)
     out.obsm[SHARED_RNA], out.obsm[shared_key(partner)] = za, zb
     out.obsm[EMBED_RNA], out.obsm[input_key(partner)] = xa, xb
-    out.obsm[SHARED] = both / np.linalg.norm(both, axis=1, keepdims=True).clip(1e-12)
-    test = split == "test"
+    test = (split == "test") & has
     metrics = retrieval_metrics(za[test], zb[test]) if test.sum() > 5 else {}
     run.log_metrics({f"align/test_{k}": v for k, v in metrics.items()})
     if predictor:
@@ -481,6 +503,11 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
 
         crossmodal.predict_partner(out, partner, params=params, device=device, run=run, path=predictor,
                                    rna_path=rna_predictor)
+    # A cell's state: both embeddings' normalised sum. For a cell measured in RNA alone the partner's
+    # is the predictor's fill-in from its RNA (without a predictor, its RNA embedding stands alone).
+    fill = out.obsm.get(f"{shared_key(partner)}_predicted", np.zeros_like(za))
+    both = za + np.where(has[:, None], zb, fill)
+    out.obsm[SHARED] = both / np.linalg.norm(both, axis=1, keepdims=True).clip(1e-12)
     plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([h["loss"] for h in history], label="train")
@@ -607,7 +634,8 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
         sections, drawn = crossmodal.score(data, partner=partner, train=train, test=test, seed=seed)
         metrics |= sections
         if alignment_figure:
-            labels = obs["celltype"].astype(str).to_numpy()[test] if "celltype" in obs else None
+            scored = test & has_partner(obs)  # the retrieval pairs are the held-out cells with both modalities
+            labels = obs["celltype"].astype(str).to_numpy()[scored] if "celltype" in obs else None
             fig = figures.alignment(drawn["pairs"], labels=labels, partner=partner, seed=seed)
             run.log_figure(fig, "alignment.png")
             io.write_figure(fig, alignment_figure)
