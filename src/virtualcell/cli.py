@@ -250,7 +250,7 @@ def predict(args: argparse.Namespace) -> None:
 
 # stage -> (config section, inputs, outputs, wildcards, call)
 def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str, str], Callable[..., None]]:
-    from virtualcell import stages
+    from virtualcell import representation, stages
 
     device = getattr(args, "device", "auto")
     every = getattr(args, "checkpoint_every", 0)
@@ -290,14 +290,14 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[str], list[str], dict[str
                                                     run=run, min_cells=args.min_cells))
     if args.stage == "embed":
         return ("embed", [args.input], [args.output, args.rna_model, args.joint_model, args.figure], wildcards,
-                lambda p, run: stages.embed(input=args.input, output=args.output, rna_model=args.rna_model,
+                lambda p, run: representation.embed(input=args.input, output=args.output, rna_model=args.rna_model,
                                             joint_model=args.joint_model, figure=args.figure, params=p,
                                             device=device, run=run, checkpoint_every=every))
     if args.stage == "align":
         return ("align", [args.input, args.embeddings],
                 [args.output, args.model, args.figure, *filter(None, [args.predictor, args.rna_predictor])],
                 wildcards,
-                lambda p, run: stages.align(input=args.input, embeddings=args.embeddings, output=args.output,
+                lambda p, run: representation.align(input=args.input, embeddings=args.embeddings, output=args.output,
                                             model=args.model, figure=args.figure, params=p, device=device,
                                             run=run, checkpoint_every=every, predictor=args.predictor,
                                             rna_predictor=args.rna_predictor))

@@ -20,7 +20,8 @@ from virtualcell import timecourse as tc
 from virtualcell.errors import InputError
 from virtualcell.models.decoder import ExpressionDecoder
 from virtualcell.models.dynamics import Simulator
-from virtualcell.stages import PCA5, generator_params, say, state_of
+from virtualcell.representation import generator_params
+from virtualcell.stages import PCA5, say, state_of
 from virtualcell.timecourse import holdout_label, observed_times, parse_holdout
 
 FATES = "fate_probabilities"
