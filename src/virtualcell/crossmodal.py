@@ -62,18 +62,27 @@ def knn_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *,
 
 
 def cca_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *, n_components: int) -> np.ndarray:
-    """CCA's prediction of the partner's values (scikit-learn's CCA.predict, a reduced-rank regression)."""
+    """CCA's prediction of the partner's values (scikit-learn's CCA.predict, a reduced-rank regression).
+
+    BLAS runs on one thread here: CCA's iterations carry the last bits of a threaded product onward
+    (genes as targets: 3.5e-9 apart between 1 and 2 threads), and metrics.json must not depend on how
+    many cores evaluate was given."""
     from sklearn.cross_decomposition import CCA
+    from threadpoolctl import threadpool_limits
 
     n_components = max(1, min(n_components, x_train.shape[1], y_train.shape[1], len(x_train) - 1))
-    return CCA(n_components=n_components, max_iter=1000).fit(x_train, y_train).predict(x_test)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return CCA(n_components=n_components, max_iter=1000).fit(x_train, y_train).predict(x_test)
 
 
 def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
-    """Linear regression with a ridge penalty chosen by leave-one-out (scikit-learn's RidgeCV)."""
+    """Linear regression with a ridge penalty chosen by leave-one-out (scikit-learn's RidgeCV), on one
+    BLAS thread like :func:`cca_predict`."""
     from sklearn.linear_model import RidgeCV
+    from threadpoolctl import threadpool_limits
 
-    return RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(x_train, y_train).predict(x_test)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(x_train, y_train).predict(x_test)
 
 
 def bleep_predict(z_query: np.ndarray, z_reference: np.ndarray, y_reference: np.ndarray, *,
