@@ -290,3 +290,34 @@ def test_unbalanced_plan_leaves_cells_without_a_partner_unmatched():
     # Pairs drawn from the unbalanced plan almost never reach the far cluster.
     _, y = sample_ot_pairs(x0, x1, generator=gen, n_pairs=2000, reg=0.5, reg_m=1.0)
     assert (y[:, 0] > 4).float().mean() < 0.02
+
+
+@pytest.fixture(scope="module")
+def marginal_sde() -> Simulator:
+    """The same SDE fitted by simulating each time point to the next and matching its cells."""
+    return fit(stochastic=True, autonomous=True, objective="marginal", epochs=40, steps_per_epoch=5, batch_size=128)
+
+
+def test_marginal_fit_predicts_the_held_out_marginal_across_the_gap(marginal_sde):
+    # The held-out t=2 is never seen: only the 1 -> 3 gap is simulated in training.
+    mean, std = ou_marginal(HELD_OUT)
+    pred = marginal_sde.simulate(cells_at(HELD_OUT - 1), t0=HELD_OUT - 1, t1=HELD_OUT, n_steps=50, seed=0)
+    np.testing.assert_allclose(pred.mean(0), mean, atol=0.25)
+    np.testing.assert_allclose(pred.std(0), std, rtol=0.25)
+    # Copying the previous time point is 0.7 off in each coordinate: the model moved the cells.
+    assert np.abs(pred.mean(0) - cells_at(HELD_OUT - 1).mean(0)).min() > 0.35
+    assert marginal_sde.history[-1]["loss"] < marginal_sde.history[0]["loss"]
+
+
+def test_marginal_fit_refuses_the_probability_flow_ode_it_never_trained(marginal_sde, tmp_path):
+    with pytest.raises(BadInputError, match="marginal matching"):
+        marginal_sde.simulate(cells_at(1.0), t0=1.0, t1=2.0, ode=True)
+    path = tmp_path / "marginal.pt"
+    marginal_sde.save(path)
+    with pytest.raises(BadInputError, match="marginal matching"):
+        Simulator.load(path).simulate(cells_at(1.0), t0=1.0, t1=2.0, ode=True)
+
+
+def test_fit_rejects_an_unknown_objective():
+    with pytest.raises(BadInputError, match="objective"):
+        fit(stochastic=True, objective="bogus", epochs=1)

@@ -18,6 +18,13 @@ of dynamics are offered:
   s = grad log p_t of its marginals are two networks, and the bridge fixes
   both the probability-flow velocity v = f - g**2/2 s and the score.
 
+Either SDE can instead be fitted by simulation (``fit(objective="marginal")``):
+cells of each observed time point are pushed to the next observed one by
+Euler-Maruyama, differentiably, and the energy distance to the cells observed
+there is minimised (PRESCIENT, Yeo et al. 2021; MIOFlow). No pairs are drawn,
+so one drift is fitted to every interval at once, and the diffusion enters
+training exactly as it enters prediction.
+
 Priors on the drift (both kinds): ``autonomous=True`` drops its time input (a
 time-homogeneous process), ``potential=True`` makes it the negative gradient
 of a learned scalar potential, f = -grad_x Phi(x[, t]): a Waddington landscape
@@ -64,6 +71,14 @@ FULL_PLAN_MAX_CELLS = 2000
 
 # Names of the data scaling kept beside the weights in a saved Simulator.
 _X_SHIFT, _X_SCALE, _T_SHIFT, _T_SCALE, _TIMES = "x_shift", "x_scale", "t_shift", "t_scale", "times"
+# Whether an SDE's score network was trained (not by the marginal objective); absent in older models: yes.
+_SCORE_FITTED = "score_fitted"
+OBJECTIVES = ("bridge", "marginal")
+# The marginal objective's Euler-Maruyama steps: every row of a batch takes the same number, so many
+# that the longest interval's step is at most the shortest interval / MARGINAL_STEPS (0.1 time units
+# on the default data), and at most MARGINAL_MAX_STEPS.
+MARGINAL_STEPS = 5
+MARGINAL_MAX_STEPS = 50
 
 
 class Simulator(BaseModel):
@@ -173,6 +188,7 @@ class Simulator(BaseModel):
         diffusion: float = 0.5,
         kinetic: float = 0.0,
         unbalanced: float | None = None,
+        objective: str = "bridge",
         steps_per_epoch: int | None = None,
         device: str = "auto",
         seed: int = 0,
@@ -231,6 +247,16 @@ class Simulator(BaseModel):
             ``UNBALANCED_REG`` times the minibatch's mean cost (deterministic).
             ``None`` (default): balanced plans, exact (deterministic) or
             entropic (stochastic).
+        objective
+            ``"bridge"`` (default): flow matching (ODE) or score and flow
+            matching (SDE) on OT-coupled pairs, as above. ``"marginal"``:
+            each step simulates ``batch_size`` cells of every observed time
+            point to the next observed one (Euler-Maruyama with the diffusion
+            above, or the ODE, differentiably) and minimises the energy
+            distance to ``batch_size`` cells observed there
+            (:meth:`Dynamics.marginal_loss`, PRESCIENT's recipe); no coupling,
+            and ``sigma``, ``kinetic`` and ``unbalanced`` are not used. Its
+            score network is not trained, so ``simulate(ode=True)`` is refused.
         lr, device, seed, on_epoch, checkpoint_path, checkpoint_every
             See :func:`virtualcell.train.fit`.
 
@@ -258,9 +284,13 @@ class Simulator(BaseModel):
             raise BadInputError(f"kinetic must be a finite number >= 0; got {kinetic}")
         if unbalanced is not None and not (math.isfinite(unbalanced) and unbalanced > 0):
             raise BadInputError(f"unbalanced must be a finite number > 0 or None; got {unbalanced}")
+        if objective not in OBJECTIVES:
+            raise BadInputError(f"objective must be one of {list(OBJECTIVES)}; got {objective!r}")
+        marginal = objective == "marginal"
 
         self._prepare_fit(seed)
-        self.module.kinetic = float(kinetic)
+        self.module.kinetic = 0.0 if marginal else float(kinetic)
+        self.module.objective = objective
         if stochastic:
             self.module.diffusion.fill_(float(diffusion))
         x64 = x.astype(np.float64)
@@ -272,6 +302,7 @@ class Simulator(BaseModel):
             _T_SHIFT: torch.tensor(times[0], dtype=torch.float64),
             _T_SCALE: torch.tensor(times[-1] - times[0], dtype=torch.float64),
             _TIMES: torch.from_numpy(times),
+            _SCORE_FITTED: torch.tensor(float(stochastic and not marginal), dtype=torch.float64),
         }
         dev = train.resolve_device(device)
         self.module.to(dev)
@@ -294,10 +325,26 @@ class Simulator(BaseModel):
         # Up to FULL_PLAN_MAX_CELLS cells per time point the plans couple *all* cells, once: exact rather
         # than minibatch OT (no minibatch bias, as TrajectoryNet and MIOFlow couple), and every step then
         # only draws pairs, so the same time buys many more gradient steps. Above, minibatch plans.
-        full = max(len(g) for g in groups) <= FULL_PLAN_MAX_CELLS
+        full = max(len(g) for g in groups) <= FULL_PLAN_MAX_CELLS and not marginal
         plans = [plan_of(groups[k], groups[k + 1], taus[k + 1] - taus[k]) for k in range(len(groups) - 1)] \
             if full else []
         steps = steps_per_epoch or steps
+
+        dtaus = np.diff(taus)
+        n_sim = int(min(MARGINAL_MAX_STEPS, math.ceil(MARGINAL_STEPS * dtaus.max() / dtaus.min() - 1e-9)))
+
+        def marginal_batches(epoch: int, generator: torch.Generator):
+            for _ in range(steps):
+                parts = []
+                for k in range(len(groups) - 1):
+                    a, b = groups[k], groups[k + 1]
+                    ia = torch.randint(len(a), (batch_size,), generator=generator).to(dev)
+                    ib = torch.randint(len(b), (batch_size,), generator=generator).to(dev)
+                    parts.append((a[ia], b[ib], torch.full((batch_size,), taus[k]),
+                                  torch.full((batch_size,), taus[k + 1]), torch.full((batch_size,), k)))
+                x0, x1, t0, t1, group = (torch.cat(p) for p in zip(*parts))
+                noise = torch.randn(n_sim, *x0.shape, generator=generator)
+                yield x0, x1, t0.to(dev), t1.to(dev), group.to(dev), noise.to(dev)
 
         def batches(epoch: int, generator: torch.Generator):
             for _ in range(steps):
@@ -323,7 +370,7 @@ class Simulator(BaseModel):
                 yield x0, x1, t0.to(dev), t1.to(dev), s.to(dev), noise.to(dev)
 
         return self._train(
-            batches,
+            marginal_batches if marginal else batches,
             epochs=epochs,
             lr=lr,
             device=dev,
@@ -384,6 +431,9 @@ class Simulator(BaseModel):
                 f"a stochastic model simulates forward in time only (t0={t0}, t1={t1}); "
                 "pass ode=True to run its probability-flow ODE backwards"
             )
+        if ode and self.stochastic and not bool(self._scaling.get(_SCORE_FITTED, torch.tensor(1.0))):
+            raise BadInputError("this SDE was fitted by marginal matching, which does not train the score "
+                                "that the probability-flow ODE needs; simulate it with ode=False")
         if t1 == t0:
             return x0.copy()
         self.module.eval()
