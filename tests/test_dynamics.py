@@ -172,7 +172,7 @@ def test_sde_save_load_round_trip(sde, tmp_path):
         loaded.simulate(prev, t0=1, t1=2, n_steps=20, seed=1), sde.simulate(prev, t0=1, t1=2, n_steps=20, seed=1)
     )
     assert loaded.stochastic and loaded.diffusion == pytest.approx(sde.diffusion)
-    assert set(torch.load(path, weights_only=True)["extra"]) == {"x_shift", "x_scale", "t_shift", "t_scale", "times"}
+    assert set(torch.load(path, weights_only=True)["extra"]) == {"x_shift", "x_scale", "t_shift", "t_scale", "times", "score_fitted"}
 
 
 def test_deterministic_model_on_the_same_data_runs_and_ignores_seeds():

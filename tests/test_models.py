@@ -533,7 +533,7 @@ def test_simulator_save_load_round_trip(fitted_simulator, tmp_path):
     prev = x[t == 1]
     np.testing.assert_array_equal(loaded.simulate(prev, t0=1, t1=2), fitted_simulator.simulate(prev, t0=1, t1=2))
     # The data scaling travels in the file as plain tensors.
-    assert set(torch.load(path, weights_only=True)["extra"]) == {"x_shift", "x_scale", "t_shift", "t_scale", "times"}
+    assert set(torch.load(path, weights_only=True)["extra"]) == {"x_shift", "x_scale", "t_shift", "t_scale", "times", "score_fitted"}
 
 
 def test_simulator_same_seed_same_predictions_and_resume(tmp_path):
