@@ -8,6 +8,7 @@ import math
 import numpy as np
 import ot
 import pytest
+import scipy.sparse
 import scipy.stats
 import torch
 
@@ -20,7 +21,7 @@ from virtualcell.models.contrastive import (
     top1_retrieval,
 )
 from virtualcell.models.dynamics import Dynamics, Simulator, VelocityField, conditional_flow, sample_ot_pairs
-from virtualcell.models.vae import NBVAE, CountEncoder, nb_log_prob
+from virtualcell.models.vae import NBVAE, CountEncoder, nb_log_prob, nb_log_prob_cells
 
 CPU = "cpu"
 
@@ -62,6 +63,29 @@ def test_nb_log_prob_is_finite_for_zero_mean_and_large_counts():
     out = nb_log_prob(x, torch.tensor([0.0, 1e5]), torch.tensor([1e6, 0.1]))
     assert torch.isfinite(out).all()
     assert out[0] == pytest.approx(0.0, abs=1e-3)  # P(0 | mean 0) = 1
+
+
+def test_nb_log_prob_per_cell_on_the_stored_entries_equals_the_dense_sum_with_its_gradients():
+    """The training loss evaluates the terms that vanish at zero counts on the nonzero entries only:
+    the same log-likelihood and gradients as the dense form, whether it finds the entries itself or
+    is handed a CSR batch's (explicit zeros included)."""
+    rng = np.random.default_rng(0)
+    x = rng.poisson(2.0, size=(30, 50)) * (rng.random((30, 50)) < 0.3)
+    x[3] = 0  # a cell with no counts at all
+    csr = scipy.sparse.csr_matrix(x.astype(np.float64))
+    csr.data[:5] = 0.0  # stored zeros, which a CSR matrix may hold
+    rows = np.repeat(np.arange(30), np.diff(csr.indptr))
+    entries = (torch.as_tensor(rows), torch.as_tensor(csr.indices.astype(np.int64)), torch.as_tensor(csr.data))
+    xt = torch.as_tensor(csr.toarray())
+    mu = torch.tensor(rng.gamma(2.0, 1.0, size=(30, 50)), requires_grad=True)
+    theta = torch.tensor(rng.gamma(2.0, 2.0, size=50), requires_grad=True)
+    dense = nb_log_prob(xt, mu, theta).sum(-1)
+    want = torch.autograd.grad(dense.sum(), [mu, theta])
+    for nonzero in (None, entries):
+        got = nb_log_prob_cells(xt, mu, theta, nonzero=nonzero)
+        torch.testing.assert_close(got, dense, rtol=1e-10, atol=1e-10)
+        for g, w in zip(torch.autograd.grad(got.sum(), [mu, theta]), want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
 def _counts(seed: int = 0, n: int = 320, blocks=(40, 10)):

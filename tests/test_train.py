@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import scipy.sparse
 import torch
 from torch import nn
 
@@ -109,6 +111,22 @@ def test_minibatches_in_order_without_shuffle():
     x = torch.arange(5.0)
     (batch,) = train.minibatches(x, batch_size=5, generator=torch.Generator(), shuffle=False)
     assert torch.equal(batch[0], x)
+
+
+def test_sparse_minibatches_carry_their_stored_entries():
+    """With nonzero=True a sparse matrix's batch comes with (row in the batch, column, value) of its
+    stored entries, which rebuild exactly the dense rows beside them, in the same order as without."""
+    x = scipy.sparse.random(23, 7, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    y = torch.arange(23.0)
+    plain = list(train.minibatches(x, y, batch_size=5, generator=torch.Generator().manual_seed(1)))
+    rich = list(train.minibatches(x, y, batch_size=5, generator=torch.Generator().manual_seed(1), nonzero=True))
+    assert len(plain) == len(rich) == 5
+    for (dense, labels), (dense2, labels2, rows, cols, values) in zip(plain, rich):
+        assert torch.equal(dense, dense2) and torch.equal(labels, labels2)
+        rebuilt = torch.zeros_like(dense)
+        rebuilt[rows, cols] = values
+        assert torch.equal(rebuilt, dense)
+        assert len(values) == int((dense != 0).sum())
 
 
 def test_minibatches_reject_unequal_lengths():

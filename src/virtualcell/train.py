@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -97,6 +98,7 @@ def minibatches(
     batch_size: int,
     generator: torch.Generator,
     shuffle: bool = True,
+    nonzero: bool = False,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield aligned minibatches (same rows) from tensors of equal length.
 
@@ -111,6 +113,9 @@ def minibatches(
         CPU generator for the shuffling order (the loop reseeds it per epoch).
     shuffle
         Visit rows in a random order; otherwise in their stored order.
+    nonzero
+        After the slices, also yield the stored entries of the (one) sparse matrix's batch: its
+        row in the batch, column and value (:func:`sparse_rows`), for losses that use only those.
 
     Yields
     ------
@@ -132,7 +137,18 @@ def minibatches(
     for start in range(0, n, batch_size):
         idx = on_device[start : start + batch_size]
         rows = order[start : start + batch_size].numpy()
-        yield tuple(t[idx] if isinstance(t, torch.Tensor) else dense_rows(t, rows) for t in tensors)
+        if nonzero:
+            parts: list[torch.Tensor] = []
+            entries: tuple[torch.Tensor, ...] = ()
+            for t in tensors:
+                if isinstance(t, torch.Tensor):
+                    parts.append(t[idx])
+                else:
+                    dense, *entries = sparse_rows(t, rows)
+                    parts.append(dense)
+            yield (*parts, *entries)
+        else:
+            yield tuple(t[idx] if isinstance(t, torch.Tensor) else dense_rows(t, rows) for t in tensors)
 
 
 def dense_rows(x: Any, rows: Any = slice(None)) -> torch.Tensor:
@@ -141,6 +157,16 @@ def dense_rows(x: Any, rows: Any = slice(None)) -> torch.Tensor:
     if hasattr(part, "toarray"):
         part = part.toarray()
     return torch.as_tensor(np.asarray(part, dtype=np.float32))
+
+
+def sparse_rows(x: Any, rows: Any) -> tuple[torch.Tensor, ...]:
+    """Rows of a scipy sparse matrix: dense (float32), and their stored entries as ``(row in the
+    batch, column, value)`` tensors, read off the CSR structure (no scan of the dense rows)."""
+    part = sp.csr_matrix(x[rows])
+    dense = torch.as_tensor(part.toarray().astype(np.float32, copy=False))
+    row = np.repeat(np.arange(part.shape[0], dtype=np.int64), np.diff(part.indptr))
+    return (dense, torch.as_tensor(row), torch.as_tensor(part.indices.astype(np.int64)),
+            torch.as_tensor(part.data.astype(np.float32)))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -28,7 +28,7 @@ from virtualcell import train
 from virtualcell.models._base import BaseModel, apply_in_batches, as_float_array
 from virtualcell.train import BadInputError, dense_rows
 
-__all__ = ["nb_log_prob", "NBVAE", "CountEncoder", "LIKELIHOODS"]
+__all__ = ["nb_log_prob", "nb_log_prob_cells", "NBVAE", "CountEncoder", "LIKELIHOODS"]
 
 LIKELIHOODS = ("nb", "gaussian")
 
@@ -67,6 +67,34 @@ def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: flo
         - torch.lgamma(theta)
         - torch.lgamma(x + 1.0)
     )
+
+
+def nb_log_prob_cells(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = _EPS, *,
+                      nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`nb_log_prob` summed over features, one value per cell, for a 1-D ``theta`` (per feature).
+
+    Equal to ``nb_log_prob(x, mu, theta).sum(-1)``, but the terms that vanish where ``x == 0``
+    (``x log mu``, ``lgamma(x + theta) - lgamma(theta)`` and ``lgamma(x + 1)``) are evaluated on the
+    nonzero counts only. Written out because lgamma and its backward (digamma) were ~40 % of a
+    training step with the dense form (scvi-tools' ``log_nb_positive`` is dense too), and count
+    matrices are mostly zeros; the result differs from the dense sum by rounding only.
+
+    ``nonzero`` is ``(rows, cols, counts)`` of ``x``'s stored entries when the caller has them (a CSR
+    minibatch: no scan of ``x``); explicit zeros among them add nothing.
+    """
+    # theta log theta - (theta + x) log(theta + mu): the terms that do not vanish at x == 0.
+    dense = (theta * torch.log(theta + eps)).sum() - ((theta + x) * torch.log(theta + mu + eps)).sum(-1)
+    if nonzero is None:
+        rows, cols = torch.nonzero(x, as_tuple=True)
+        counts = x[rows, cols]
+    else:
+        rows, cols, counts = nonzero
+    # index_select on the flat matrix: faster than mu[rows, cols], forward and backward.
+    mu_nz = mu.reshape(-1).index_select(0, rows * mu.shape[-1] + cols)
+    theta_nz = theta.index_select(0, cols)
+    per_count = (counts * torch.log(mu_nz + eps) + torch.lgamma(counts + theta_nz)
+                 - torch.lgamma(theta).index_select(0, cols) - torch.lgamma(counts + 1.0))
+    return dense.index_add(0, rows, per_count)
 
 
 def _mlp(n_in: int, n_hidden: int, n_layers: int, dropout: float) -> nn.Sequential:
@@ -164,8 +192,11 @@ class NBVAE(nn.Module):
         """Observed total counts of each cell in each block, (cells, n_blocks)."""
         return torch.stack([block.sum(-1) for block in torch.split(x, self.n_inputs, dim=-1)], dim=-1)
 
-    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, x: torch.Tensor, *nonzero: torch.Tensor) -> dict[str, torch.Tensor]:
         """Negative ELBO per cell, averaged over cells.
+
+        ``nonzero``: optionally ``rows, cols, counts`` of ``x``'s stored entries (a sparse minibatch's),
+        which spare the NB term a scan for them (:func:`nb_log_prob_cells`).
 
         Returns
         -------
@@ -179,16 +210,17 @@ class NBVAE(nn.Module):
         z = mean + var.sqrt() * torch.randn_like(mean)
         mu = self.decode(z, self.library_sizes(x))
         if all(lik == "nb" for lik in self.likelihoods):
-            nll = -nb_log_prob(x, mu, torch.exp(self.log_theta)).sum(-1)
+            nll = -nb_log_prob_cells(x, mu, torch.exp(self.log_theta), nonzero=(
+                (nonzero[0], nonzero[1], nonzero[2].float()) if nonzero else None))
         else:
             parts = []
             for i, (xb, mb, tb) in enumerate(zip(self._blocks(x), self._blocks(mu), torch.split(self.log_theta,
                                                                                                 self.n_inputs))):
                 if self._is_gaussian(i):
-                    parts.append(0.5 * ((xb - mb) ** 2 * torch.exp(-tb) + tb + math.log(2 * math.pi)))
+                    parts.append(0.5 * ((xb - mb) ** 2 * torch.exp(-tb) + tb + math.log(2 * math.pi)).sum(-1))
                 else:
-                    parts.append(-nb_log_prob(xb, mb, torch.exp(tb)))
-            nll = torch.cat(parts, dim=-1).sum(-1)
+                    parts.append(-nb_log_prob_cells(xb, mb, torch.exp(tb)))
+            nll = torch.stack(parts, dim=-1).sum(-1)
         kl = 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var)).sum(-1)
         return {train.LOSS_KEY: (nll + self.kl_weight * kl).mean(), "nll": nll.mean(), "kl": kl.mean()}
 
@@ -271,7 +303,8 @@ class CountEncoder(BaseModel):
         data = x if sp.issparse(x) else torch.as_tensor(x, device=dev)
 
         def batches(epoch: int, generator: torch.Generator):
-            return train.minibatches(data, batch_size=batch_size, generator=generator)
+            # A sparse batch comes with its stored entries, which the NB term needs (nb_log_prob_cells).
+            return train.minibatches(data, batch_size=batch_size, generator=generator, nonzero=sp.issparse(data))
 
         val_fn = None
         if x_val is not None:
