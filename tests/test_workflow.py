@@ -355,6 +355,58 @@ def test_rerun_after_qc_edit_schedules_qc_and_everything_after(workflow_run, tmp
                     "evaluate": 1, "report": 1, "all": 1}
 
 
+def test_planning_the_dag_imports_no_model_library(workflow_run):
+    """Snakemake parses the Snakefile on every invocation (and again in every cluster job): planning
+    imports no torch, POT, MLflow or anndata, which made a rerun with nothing to do take ~5 s."""
+    heavy = ("torch", "ot", "mlflow", "anndata", "mudata", "scanpy")
+    probe = ("import atexit, sys\n"
+             f"atexit.register(lambda: print('IMPORTED', [m for m in {heavy!r} if m in sys.modules]))\n"
+             "from snakemake.cli import main\n"
+             f"sys.argv = ['snakemake', '-n', '-s', {str(REPO / 'Snakefile')!r}, '--configfile', "
+             f"{str(REPO / 'config' / 'config.yaml')!r}, {str(REPO / 'config' / 'test.yaml')!r}]\n"
+             "main()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUALCELL_"))}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=workflow_run, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert "Nothing to be done" in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+    assert "IMPORTED []" in done.stdout, done.stdout[-2000:]
+
+
+def test_without_tracking_nothing_reruns_and_the_virtual_cell_is_kept_for_predict(workflow_run, raw_cells,
+                                                                                   tmp_path):
+    """mlflow.enabled: false reruns nothing; a job run without it logs nothing to MLflow, registers
+    nothing, and keeps the virtual cell beside report/model.json, where `virtualcell predict` reads it."""
+    import shutil
+
+    work = tmp_path / "copy"
+    shutil.copytree(workflow_run, work, symlinks=True)  # keeps mtimes: the copy is as finished as the run
+    off = _override(tmp_path, "mlflow:\n  enabled: false\n")
+    assert scheduled(snakemake(work, "-n", extra_configs=[off])) == {}
+    store = MlflowClient(tracking.resolve_tracking_uri(f"sqlite:///{work}/results/mlflow.db"))
+    experiments = [e.experiment_id for e in store.search_experiments()]
+    runs = len(store.search_runs(experiments, max_results=1000))
+    done = snakemake(work, "--forcerun", "report", extra_configs=[off])
+    assert len(store.search_runs(experiments, max_results=1000)) == runs  # nothing logged
+    assert "MLflow: off" in done.stderr
+    report = work / "results" / "synthetic" / "report"
+    model = json.loads((report / "model.json").read_text())
+    assert model["registered_model"] is None
+    assert Path(model["model_uri"]) == (report / "virtual_cell").resolve()
+    assert f"predict --model {model['model_uri']}" in done.stderr
+    frame, t = raw_cells["frame"], raw_cells["time"]
+    cells = ad.AnnData(X=frame[t == 0].to_numpy(dtype=np.float32)[:40], var=pd.DataFrame(index=frame.columns),
+                       obs=pd.DataFrame(index=frame.index[t == 0][:40]))
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUALCELL_"))}
+    answer = subprocess.run([sys.executable, "-m", "virtualcell.cli", "predict", "--model", model["model_uri"],
+                             "--input", str(tmp_path / "cells.h5ad"), "--horizon", "1", "--output",
+                             str(tmp_path / "out.h5ad")], cwd=work, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert out.n_obs == 40 and np.allclose(out.obsm["fate_probabilities"].sum(axis=1), 1)
+
+
 def test_a_failing_job_marks_its_run_and_the_workflow_failed(tmp_path):
     bad = tmp_path / "broken.h5ad"
     bad.write_bytes(b"this is not an HDF5 file")

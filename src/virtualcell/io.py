@@ -28,10 +28,8 @@ from virtualcell.files import atomic_write
 from virtualcell import readers
 from virtualcell.readers import check_spots_in_images
 
-RNA = "rna"
-PROT = "prot"
-ATAC = "atac"
-SPATIAL = "spatial"
+from virtualcell.plan import ATAC, PROT, RNA, SPATIAL  # noqa: E402 (the modality names)
+
 MODALITIES = (RNA, PROT, ATAC, SPATIAL)
 COUNTS_LAYER = "counts"
 # How the expression modality's values were measured (config datasets.<name>.values), kept in its

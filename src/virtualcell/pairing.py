@@ -23,7 +23,8 @@ from virtualcell.readers import LIBRARY_KEY, SCALEFACTOR_OF_IMAGE, SPATIAL, chec
 
 SPLITS = ("train", "val", "test")
 # the modality of tissue-image patches, one per spot, paired with the spots' expression
-IMAGE = "image"
+from virtualcell.plan import IMAGE  # noqa: E402
+
 # uns key of the image modality: [channels, height, width] of each flattened patch
 PATCH_SHAPE = "patch_shape"
 # squidpy's keys of the spatial neighbour graph (sq.gr.spatial_neighbors): obsp and uns of the spots

@@ -33,7 +33,6 @@ the static model's moved cells of the last time point (``fate.model``).
 
 from __future__ import annotations
 
-import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,6 +44,7 @@ import scipy.sparse as sp
 
 from virtualcell import io, reference
 from virtualcell.errors import InputError
+from virtualcell.plan import condition_label, holdout_conditions  # noqa: F401
 from virtualcell.synthetic_conditions import COMBINATION_SEPARATOR
 
 CONDITION = "condition"
@@ -52,31 +52,9 @@ METHODS = ("model", "control", "mean_perturbed", "additive", "linear", "ceiling"
 RIDGE_LAMBDA = 0.1  # Ahlmann-Eltze et al.'s ridge penalty
 
 
-def condition_label(name: str) -> str:
-    """The condition as it appears in file paths and the {condition} wildcard."""
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", str(name))
-
-
 def components(name: str) -> list[str]:
     """The components of a condition: ``GeneA+GeneB`` -> [GeneA, GeneB]."""
     return [c for c in str(name).split(COMBINATION_SEPARATOR) if c]
-
-
-def holdout_conditions(dataset: str, spec: Mapping[str, Any]) -> list[str]:
-    """The conditions a dataset holds out whole: its ``holdout_conditions``, or for ``auto`` the built-in
-    data's own choice (none for a file: list them)."""
-    held = spec.get("holdout_conditions", "auto")
-    if held != "auto":
-        return [str(h) for h in held]
-    generator = spec.get("generator") or {}
-    if spec.get("source") == "synthetic" and generator.get("cells_per_condition"):
-        from virtualcell.synthetic_conditions import planned
-
-        return planned(generator)[1]
-    if spec.get("condition_key"):
-        raise InputError(f"config datasets.{dataset}.holdout_conditions: 'auto' needs the built-in data with "
-                         "perturbations; list the conditions to hold out (or [] for none)")
-    return []
 
 
 def check_conditions(obs: pd.DataFrame, *, control: str, holdouts: Sequence[str], min_cells: int,

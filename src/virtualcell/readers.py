@@ -44,11 +44,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from virtualcell.errors import InputError
+from virtualcell.plan import ATAC, PROT, RNA, SPATIAL  # noqa: F401 (the modality names)
 
-RNA = "rna"
-PROT = "prot"
-ATAC = "atac"
-SPATIAL = "spatial"
 # 10x Genomics feature types (features.tsv.gz column 3, HDF5 matrix/features/feature_type) -> modality
 FEATURE_TYPES = {
     "Gene Expression": RNA,

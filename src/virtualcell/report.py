@@ -7,6 +7,7 @@ The MLflow side is :meth:`virtualcell.tracking.JobRun.log_virtual_cell`; the mod
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,9 @@ from virtualcell import cellmodel, io
 from virtualcell import summary as headlines
 from virtualcell.stages import say
 from virtualcell.tracking import JobRun
+
+# The virtual cell's folder beside model.json when the run is not tracked.
+KEPT_BUNDLE = "virtual_cell"
 
 
 def register(*, simulator: str, shared: str, expression: str, metrics: str, output: str, summary: str,
@@ -35,9 +39,13 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
     data = io.read_h5ad(shared)
     paired = io.read_h5mu(expression)
     rna = paired.mod[io.expression_modality(paired)]
-    name = f"virtualcell-{dataset}" if params["register"] else None
+    # Not tracked (mlflow.enabled: false, or --no-tracking): nothing is logged or registered, so the
+    # virtual cell is kept as a folder beside model.json, which `virtualcell predict --model` reads.
+    tracked = run.run_id is not None
+    name = f"virtualcell-{dataset}" if params["register"] and tracked else None
     values = json.loads(Path(metrics).read_text())
-    with tempfile.TemporaryDirectory() as tmp:
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=None if tracked else Path(output).parent) as tmp:
         bundle = cellmodel.write_bundle(Path(tmp) / "virtual_cell", shared=data, simulator=simulator,
                                         encoder=encoder, aligner=aligner, predictor=predictor, decoder=decoder,
                                         space=params.get("space", "embedding"), n_steps=params["n_steps"],
@@ -70,6 +78,8 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
                                    output_example=answer.frame(index=example.index), params=call,
                                    description=about + judged, model_description=about,
                                    tags=headlines.headline_tags(values))
+        if not tracked:
+            uri = str(_keep(bundle, Path(output).parent / KEPT_BUNDLE))
     table = headlines.table(values)
     run.log_table(table, "summary.tsv")
     io.write_table(table, summary)
@@ -82,4 +92,19 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
     io.write_json({"dataset": dataset, "model_uri": uri, "registered_model": name, "space": cell.space,
                    "state_dim": int(cell.meta["state_dim"]), "genes_in": len(cell.genes),
                    "genes_out": len(cell.output_genes), "fates": cell.fate_names}, output)
-    say(f"logged the virtual cell ({uri})" + (f", registered as {name}" if name else " (mlflow.register: false)"))
+    if tracked:
+        say(f"logged the virtual cell ({uri})" + (f", registered as {name}" if name else " (mlflow.register: false)"))
+    else:
+        say(f"saved the virtual cell as {uri} (not tracked: nothing logged to MLflow)")
+
+
+def _keep(bundle: Path, where: Path) -> Path:
+    """Move a finished bundle to ``where`` (replacing an older one): a rename on one filesystem, so a
+    reader never sees half a bundle."""
+    old = where.with_name(where.name + ".old")
+    if where.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        where.rename(old)
+    Path(bundle).rename(where)
+    shutil.rmtree(old, ignore_errors=True)
+    return where.resolve()

@@ -25,7 +25,8 @@ import scipy.sparse as sp
 
 from virtualcell import figures, io, reference
 from virtualcell.errors import InputError
-from virtualcell.io import PROT, RNA, SPATIAL
+from virtualcell.plan import DECODER_PARAMS, partner_modality  # noqa: F401
+from virtualcell.io import PROT, RNA
 from virtualcell.pairing import IMAGE, MODALITIES_KEY, SPATIAL_CONNECTIVITIES, has_partner
 from virtualcell.timecourse import NO_HOLDOUT, check_holdouts, observed_times, parse_holdout
 from virtualcell.tracking import JobRun
@@ -59,19 +60,6 @@ def predicted_key(partner: str) -> str:
 def input_key(partner: str) -> str:
     """obsm key of the features the partner's head read (protein CLR, flattened image patches)."""
     return f"X_input_{partner}"
-
-
-def partner_modality(modalities: list[str]) -> str | None:
-    """What a dataset's expression is aligned with, from its declared modalities.
-
-    ``prot`` when cells have protein counts; ``image`` (patches of the tissue image under each
-    spot) for a spatial dataset without single-cell RNA; None for RNA alone (no alignment).
-    """
-    if RNA in modalities:
-        return PROT if PROT in modalities else None
-    if SPATIAL in modalities:
-        return IMAGE
-    raise InputError(f"{list(modalities)} has no expression modality; add rna (cells) or spatial (spots)")
 
 
 SPACES = ("embedding", "pca")
@@ -335,11 +323,6 @@ def simulate(*, input: str, holdout: str, seed: int, output: str, figure: str, p
     fig = figures.trajectories(sim, x, t, held=held, n_steps=params["n_steps"], space=space)
     run.log_figure(fig, "trajectories.png")
     io.write_figure(fig, figure)
-
-
-# The simulate settings the decoder uses (its rule passes only these, so changing the dynamics'
-# settings does not refit it).
-DECODER_PARAMS = ("decoder_epochs", "steps_per_epoch", "batch_size", "lr", "n_hidden", "seed")
 
 
 def decode(*, input: str, expression: str, output: str, params: Mapping[str, Any], device: str, run: JobRun,

@@ -171,8 +171,9 @@ def html_page(dataset: str, metrics: Mapping[str, Any], *, model: str | None) ->
     )
 
 
-def where_things_are(results: str | Path, datasets: list[str], *, tracking_uri: str) -> str:
-    """What the workflow prints when it ends: the headlines, and where results, report and MLflow are."""
+def where_things_are(results: str | Path, datasets: list[str], *, tracking_uri: str | None) -> str:
+    """What the workflow prints when it ends: the headlines, and where results, report and MLflow are
+    (``tracking_uri`` None: the workflow ran with mlflow.enabled false)."""
     lines = [f"virtualcell: results in {results}/"]
     for dataset in datasets:
         metrics = Path(results, dataset, "evaluate", "metrics.json")
@@ -181,11 +182,16 @@ def where_things_are(results: str | Path, datasets: list[str], *, tracking_uri: 
                 lines.append(f"  {dataset}: {sentence.replace('**', '')}")
     lines += [
         "  the report: snakemake --report results/report.html (then open it in a browser)",
-        f"  MLflow: mlflow ui --backend-store-uri {tracking_uri.partition('?')[0]}" if tracking_uri.startswith("sqlite")
+        "  MLflow: off (mlflow.enabled: false)" if tracking_uri is None
+        else f"  MLflow: mlflow ui --backend-store-uri {tracking_uri.partition('?')[0]}" if tracking_uri.startswith("sqlite")
         else f"  MLflow: {tracking_uri}",
     ]
     for dataset in datasets:
-        if Path(results, dataset, "report", "model.json").exists():
-            lines.append(f"  ask the virtual cell: virtualcell predict --model models:/virtualcell-{dataset}/latest "
+        model = Path(results, dataset, "report", "model.json")
+        if model.exists():
+            # Registered: the registry's latest version; else the run's model URI, or the saved folder.
+            about = json.loads(model.read_text())
+            uri = f"models:/{about['registered_model']}/latest" if about.get("registered_model") else about["model_uri"]
+            lines.append(f"  ask the virtual cell: virtualcell predict --model {uri} "
                          "--input cells.h5ad --horizon 1 --output out.h5ad")
     return "\n".join(lines)

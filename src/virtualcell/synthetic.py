@@ -73,19 +73,18 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
-import mudata as md
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    import mudata as md
 from scipy.spatial import cKDTree
 
 # Modality names and the obs/obsm/var/uns keys that other modules read.
-RNA = "rna"
-PROT = "prot"
-SPATIAL = "spatial"
+from virtualcell.plan import PROT, RNA, SPATIAL  # noqa: E402
+
 TIME_KEY = "time"
 FATE_KEY = "fate"
 BASIN_KEY = "basin"
@@ -795,6 +794,12 @@ def generate(
     ``mdata.uns["synthetic"]``
         The generator's parameters (JSON-serialisable).
     """
+    # Imported here, not at the top: the Snakefile plans the built-in data's conditions from this module
+    # (synthetic_conditions.planned), and anndata, mudata and pandas would add ~1 s to every plan.
+    import anndata as ad
+    import mudata as md
+    import pandas as pd
+
     tp = np.asarray(time_points, dtype=np.float64).ravel()
     _validate(n_cells, n_genes, n_proteins, tp, n_spots)
     rng_genes, rng_cells, rng_rna, rng_prot, rng_tissue = np.random.default_rng(seed).spawn(5)

@@ -19,6 +19,7 @@ import pandas as pd
 from virtualcell import evaluate as ev
 from virtualcell import reference, synthetic
 from virtualcell.errors import InputError
+from virtualcell.plan import LAST, NO_HOLDOUT, check_holdouts, holdout_label  # noqa: F401 (names of the {holdout} wildcard)
 
 DISTANCES = ("w1", "w2", "mmd", "edist")
 STATE_DISTANCES = ("w1", "w2", "mmd")
@@ -201,15 +202,6 @@ def true_fates(latent: np.ndarray, t: np.ndarray, classes: Sequence[str], *, t_e
 # ---------------------------------------------------------------------------
 # time points and holdouts (the {holdout} wildcard)
 
-NO_HOLDOUT = "none"
-LAST = "last"  # the holdout of the last time point: extrapolated from the earlier ones
-
-
-def holdout_label(time: float) -> str:
-    """The {holdout} wildcard of a time point: 2.0 -> '2', 0.5 -> '0.5'."""
-    return f"{float(time):g}"
-
-
 def observed_times(obs: pd.DataFrame, *, origin: str) -> np.ndarray:
     if "time" not in obs:
         raise InputError(f"{origin}: no time labels (obs 'time'); set time_key for the dataset in the config")
@@ -239,15 +231,3 @@ def parse_holdout(holdout: str, times: np.ndarray, *, origin: str) -> float | No
             f"{origin}: held-out time point '{holdout}' is not a later time point of the data; choose from {allowed}"
         )
     return float(matches[0])
-
-
-def check_holdouts(holdouts: str | list[float], times: np.ndarray, *, origin: str) -> None:
-    """Every listed held-out time point must be an interior time point (``auto`` picks them so)."""
-    if holdouts != "auto":
-        interior = [holdout_label(t) for t in times[1:-1]]
-        for time in holdouts:
-            if holdout_label(time) not in interior:
-                raise InputError(
-                    f"{origin}: held-out time point '{holdout_label(time)}' is not an interior time point; choose "
-                    f"from {interior} (the last one is held out for extrapolation by evaluate.extrapolate)"
-                )

@@ -31,7 +31,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,22 +40,29 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from virtualcell.errors import InputError
 from virtualcell.files import atomic_write_text
+# What the Snakefile needs before any job (it must not import MLflow: virtualcell.plan says why),
+# re-exported here, where the jobs read it.
+from virtualcell.plan import (  # noqa: F401
+    DEFAULT_STORE,
+    ENV_EXPERIMENT,
+    ENV_NO_TRACKING,
+    ENV_PARENT_RUN_FILE,
+    ENV_TRACKING_URI,
+    PARENT_RUN_DIR,
+    PARENT_RUN_SUFFIX,
+    REACHABLE_TIMEOUT_S,
+    SQLITE_TIMEOUT_S,
+    UnreachableServerError,
+    check_reachable,
+    new_parent_run_file,
+    resolve_tracking_uri,
+    tracking_enabled,
+)
 
-ENV_TRACKING_URI = "VIRTUALCELL_TRACKING_URI"
-ENV_EXPERIMENT = "VIRTUALCELL_EXPERIMENT"
-ENV_PARENT_RUN_FILE = "VIRTUALCELL_PARENT_RUN_FILE"
 DEFAULT_EXPERIMENT = "virtualcell"
-DEFAULT_STORE = "results/mlflow.db"
 DEFAULT_ARTIFACTS = "results/mlartifacts"
 LINEAGE_SUFFIX = ".mlflow_run"
-# SQLite serialises writers; parallel jobs wait on the lock instead of failing.
-SQLITE_TIMEOUT_S = 120
-# How long a tracking server may take to answer before the workflow (or a job) gives up on it.
-REACHABLE_TIMEOUT_S = 5.0
-PARENT_RUN_DIR = ".virtualcell"
-PARENT_RUN_SUFFIX = ".parent_run_id"
 ABANDONED = (
     "killed: the workflow invocation ended without closing this run (SIGKILL, node failure or power loss); "
     "a later invocation closed it"
@@ -73,28 +79,6 @@ TAG_GIT = "mlflow.source.git.commit"
 TAG_KIND = "virtualcell.kind"
 # On a cluster the scheduler's job id, the one its logs and accounting know the job by.
 TAG_SLURM_JOBID = "slurm.job_id"
-
-
-def resolve_tracking_uri(configured: str | None = None, *, workdir: str | Path = ".") -> str:
-    """Return the tracking URI: config value, else ``MLFLOW_TRACKING_URI``, else the local store.
-
-    A relative SQLite path is made absolute against ``workdir`` so jobs that
-    run elsewhere (another node, another working directory) write to the
-    same store, and a lock timeout is added so parallel jobs queue on the
-    SQLite lock instead of failing.
-    """
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
-    if uri.startswith("sqlite:///"):
-        path, _, query = uri[len("sqlite:///") :].partition("?")
-        if not os.path.isabs(path):
-            path = str((Path(workdir) / path).resolve())
-        if "timeout=" not in query:
-            query = "&".join(q for q in (query, f"timeout={SQLITE_TIMEOUT_S}") if q)
-        uri = f"sqlite:///{path}?{query}"
-    elif "://" not in uri:
-        # A bare folder is MLflow's file store; keep it absolute for the same reason.
-        uri = str(Path(workdir, uri).resolve())
-    return uri
 
 
 def _local_artifact_location(uri: str) -> str | None:
@@ -168,33 +152,6 @@ def _experiment_id(experiment: str, uri: str) -> str:
     return experiment_id
 
 
-class UnreachableServerError(InputError, RuntimeError):
-    """The tracking server does not answer: one line naming the URI, like any bad input."""
-
-
-def check_reachable(uri: str, *, timeout_s: float = REACHABLE_TIMEOUT_S) -> None:
-    """Fail fast, naming the URI, when an HTTP tracking server does not answer.
-
-    Any HTTP answer counts as reachable (a proxy that asks for credentials answers 401);
-    only a refused, unresolvable or silent connection fails, within ``timeout_s``.
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).read()
-    except urllib.error.HTTPError:
-        return
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        reason = getattr(exc, "reason", None) or exc or type(exc).__name__
-        raise UnreachableServerError(
-            f"mlflow.tracking_uri: {uri} is not reachable ({reason}, waited at most {timeout_s:g} s); start the "
-            "tracking server, or fix mlflow.tracking_uri in the config / MLFLOW_TRACKING_URI"
-        ) from None
-
-
 def git_commit(path: str | Path = ".") -> str | None:
     """The commit of the workflow's checkout, or None outside git."""
     try:
@@ -208,16 +165,6 @@ def git_commit(path: str | Path = ".") -> str | None:
 
 # ---------------------------------------------------------------------------
 # parent run: one per workflow invocation
-
-
-def new_parent_run_file(results: str | Path) -> Path:
-    """A fresh path for one workflow invocation's parent run id, under ``results``.
-
-    One per invocation, not one per results folder: two invocations that share the
-    folder (other configs, other targets) then never read each other's parent run id.
-    """
-    name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}{PARENT_RUN_SUFFIX}"
-    return (Path(results) / PARENT_RUN_DIR / name).resolve()
 
 
 # The parent-run file of this process's invocation, kept open and locked while the process lives:
@@ -448,7 +395,8 @@ class JobRun:
 
 
 class NullRun(JobRun):
-    """Used when a stage is run by hand with ``--no-tracking``: logs nothing."""
+    """Used when a stage is run with ``--no-tracking`` (or in a workflow with ``mlflow.enabled: false``):
+    logs nothing."""
 
     def __init__(self) -> None:
         super().__init__(None)
@@ -501,7 +449,7 @@ def job_run(
     exception the run ends FAILED with the error text and the exception
     propagates (so Snakemake sees the job fail).
     """
-    if not enabled:
+    if not enabled or not tracking_enabled():
         yield NullRun()
         return
 

@@ -5,14 +5,14 @@ import sys
 import numpy as np
 from snakemake.exceptions import WorkflowError
 
-from virtualcell import tracking
+# Only light modules at parse time (virtualcell.plan says why); MLflow is imported by the hooks below,
+# which run only when there are jobs to run.
+from virtualcell import plan
 from virtualcell.cli import ENV_CHECKPOINT_EVERY
 from virtualcell.config import report_params, validate_config
 from virtualcell.errors import InputError
-from virtualcell.perturbation import condition_label, holdout_conditions
-from virtualcell.stages import DECODER_PARAMS, partner_modality
-from virtualcell.timecourse import LAST, NO_HOLDOUT, check_holdouts, holdout_label
-from virtualcell.summary import where_things_are
+from virtualcell.plan import (DECODER_PARAMS, LAST, NO_HOLDOUT, check_holdouts, condition_label, holdout_conditions,
+                              holdout_label, partner_modality)
 
 try:
     # In place: Snakemake keeps its own reference to this dict.
@@ -34,20 +34,23 @@ wildcard_constraints:
 # Jobs (local subprocesses, or SLURM jobs that re-read this file) learn where to
 # track and how often to checkpoint from the environment, so these settings never
 # trigger a rerun.
-TRACKING_URI = tracking.resolve_tracking_uri(config["mlflow"]["tracking_uri"])
-if workflow.is_main_process:
+TRACKING = config["mlflow"]["enabled"]
+TRACKING_URI = plan.resolve_tracking_uri(config["mlflow"]["tracking_uri"])
+# mlflow.enabled: false -> the jobs log nothing (the same NullRun as `virtualcell ... --no-tracking`).
+os.environ[plan.ENV_NO_TRACKING] = "0" if TRACKING else "1"
+if workflow.is_main_process and TRACKING:
     # Before any job starts, dry runs included: an unreachable server fails here in seconds.
     try:
-        tracking.check_reachable(TRACKING_URI)
+        plan.check_reachable(TRACKING_URI)
     except InputError as exc:
         raise WorkflowError(str(exc)) from None
     # One parent-run file per invocation; its jobs inherit the path (SLURM exports the
     # environment), so invocations sharing results/ never attach to each other's parent.
-    os.environ[tracking.ENV_PARENT_RUN_FILE] = str(tracking.new_parent_run_file(RESULTS))
-PARENT_RUN_FILE = os.environ.get(tracking.ENV_PARENT_RUN_FILE) or str(tracking.new_parent_run_file(RESULTS))
-os.environ[tracking.ENV_TRACKING_URI] = TRACKING_URI
-os.environ[tracking.ENV_EXPERIMENT] = config["mlflow"]["experiment"]
-os.environ[tracking.ENV_PARENT_RUN_FILE] = PARENT_RUN_FILE
+    os.environ[plan.ENV_PARENT_RUN_FILE] = str(plan.new_parent_run_file(RESULTS))
+PARENT_RUN_FILE = os.environ.get(plan.ENV_PARENT_RUN_FILE) or str(plan.new_parent_run_file(RESULTS))
+os.environ[plan.ENV_TRACKING_URI] = TRACKING_URI
+os.environ[plan.ENV_EXPERIMENT] = config["mlflow"]["experiment"]
+os.environ[plan.ENV_PARENT_RUN_FILE] = PARENT_RUN_FILE
 os.environ[ENV_CHECKPOINT_EVERY] = str(config["checkpoint_every"])
 
 
@@ -226,29 +229,41 @@ def res(rule_name, key, default):
 
 
 onstart:
-    if workflow.non_local_exec and TRACKING_URI.startswith("sqlite:"):
-        # Jobs on other nodes would write one SQLite file over the shared filesystem at once.
-        logger.warning(
-            f"MLflow tracks to SQLite ({TRACKING_URI.partition('?')[0]}) while jobs run on cluster "
-            "nodes: SQLite locking is not safe across nodes on a shared filesystem, so runs can be "
-            "lost or the store damaged. Start an `mlflow server` and set MLFLOW_TRACKING_URI or "
-            "mlflow.tracking_uri to it (docs/HPC.md, 'Tracking from many nodes')."
+    if TRACKING:
+        from virtualcell import tracking
+
+        if workflow.non_local_exec and TRACKING_URI.startswith("sqlite:"):
+            # Jobs on other nodes would write one SQLite file over the shared filesystem at once.
+            logger.warning(
+                f"MLflow tracks to SQLite ({TRACKING_URI.partition('?')[0]}) while jobs run on cluster "
+                "nodes: SQLite locking is not safe across nodes on a shared filesystem, so runs can be "
+                "lost or the store damaged. Start an `mlflow server` and set MLFLOW_TRACKING_URI or "
+                "mlflow.tracking_uri to it (docs/HPC.md, 'Tracking from many nodes')."
+            )
+        tracking.start_workflow_run(
+            uri=TRACKING_URI,
+            experiment=config["mlflow"]["experiment"],
+            parent_run_file=PARENT_RUN_FILE,
+            config=config,
+            workdir=workflow.basedir,
         )
-    tracking.start_workflow_run(
-        uri=TRACKING_URI,
-        experiment=config["mlflow"]["experiment"],
-        parent_run_file=PARENT_RUN_FILE,
-        config=config,
-        workdir=workflow.basedir,
-    )
 
 
 onsuccess:
     summaries = [f"{RESULTS}/{d}/report/summary.{ext}" for d in config["datasets"] for ext in ("tsv", "html")]
-    tracking.end_workflow_run(uri=TRACKING_URI, parent_run_file=PARENT_RUN_FILE, status="FINISHED", log=log,
-                              summaries=summaries)
-    print(where_things_are(RESULTS, list(config["datasets"]), tracking_uri=TRACKING_URI), file=sys.stderr)
+    if TRACKING:
+        from virtualcell import tracking
+
+        tracking.end_workflow_run(uri=TRACKING_URI, parent_run_file=PARENT_RUN_FILE, status="FINISHED", log=log,
+                                  summaries=summaries)
+    from virtualcell.summary import where_things_are
+
+    print(where_things_are(RESULTS, list(config["datasets"]), tracking_uri=TRACKING_URI if TRACKING else None),
+          file=sys.stderr)
 
 
 onerror:
-    tracking.end_workflow_run(uri=TRACKING_URI, parent_run_file=PARENT_RUN_FILE, status="FAILED", log=log)
+    if TRACKING:
+        from virtualcell import tracking
+
+        tracking.end_workflow_run(uri=TRACKING_URI, parent_run_file=PARENT_RUN_FILE, status="FAILED", log=log)
