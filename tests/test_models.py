@@ -190,6 +190,31 @@ def test_count_encoder_trains_from_sparse_counts_with_the_numbers_of_dense(monke
         sparse.fit(sp.csr_matrix(-np.ones((3, 50))), epochs=1, device=CPU)
 
 
+def test_count_encoder_trains_on_counts_left_on_disk(tmp_path):
+    """An .h5ad opened backed trains the encoder without its matrix ever read whole: cells sorted by
+    their latent state on disk (as files sorted by time or sample are) still give a model as good as
+    the in-memory one, and it encodes the on-disk cells as it encodes them in memory."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    x, z = _counts()
+    order = np.argsort(z[:, 0])  # a sorted file: contiguous rows are similar cells
+    x, z = x[order], z[order]
+    ad.AnnData(X=sp.csr_matrix(x)).write_h5ad(tmp_path / "counts.h5ad")
+    backed = ad.read_h5ad(tmp_path / "counts.h5ad", backed="r").X
+    enc = CountEncoder([40, 10], n_latent=4, n_hidden=32)
+    history = enc.fit(backed, epochs=25, batch_size=16, lr=3e-3, device=CPU, seed=0)
+    assert history[-1]["loss"] < 0.9 * history[0]["loss"]
+    latent = enc.encode(backed, batch_size=50)
+    np.testing.assert_allclose(latent, enc.encode(x), rtol=1e-5, atol=1e-6)
+    held = np.random.default_rng(0).permutation(len(x))
+    assert linear_r2(latent[held], z[held], n_train=240) > 0.8
+    x[5, 3] = -1.0
+    ad.AnnData(X=sp.csr_matrix(x)).write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(ValueError, match="negative"):
+        enc.fit(ad.read_h5ad(tmp_path / "bad.h5ad", backed="r").X, epochs=1, device=CPU)
+
+
 def test_count_encoder_rejects_bad_input():
     enc = CountEncoder([4], n_latent=2, n_hidden=8)
     # Bad data is a ValueError for Python callers and an InputError for the CLI.

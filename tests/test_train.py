@@ -129,6 +129,36 @@ def test_sparse_minibatches_carry_their_stored_entries():
         assert len(values) == int((dense != 0).sum())
 
 
+def test_minibatches_stream_an_on_disk_matrix_in_mixed_buffers(tmp_path, monkeypatch):
+    """An on-disk matrix is read a buffer of chunks at a time, never whole: every row once per epoch,
+    full batches but the last, batches mixing rows from chunks far apart, and in stored order
+    without shuffling."""
+    import anndata as ad
+
+    monkeypatch.setattr(train, "STREAM_CHUNK_ROWS", 8)
+    monkeypatch.setattr(train, "STREAM_BUFFER_BATCHES", 4)
+    x = np.arange(203 * 3, dtype=np.float32).reshape(203, 3) + 1  # row i holds 3i+1 .. 3i+3: no zeros
+    ad.AnnData(X=scipy.sparse.csr_matrix(x)).write_h5ad(tmp_path / "x.h5ad")
+    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r").X
+    reads = []
+    cls = type(backed)
+    read = cls.__getitem__
+    monkeypatch.setattr(cls, "__getitem__", lambda self, key: reads.append(key) or read(self, key))
+    labels = torch.arange(203.0)
+    batches = list(train.minibatches(backed, labels, batch_size=10, generator=torch.Generator().manual_seed(0),
+                                     nonzero=True))
+    assert [len(b[0]) for b in batches] == [10] * 20 + [3]
+    rows = torch.cat([b[0][:, 0] for b in batches]).long() // 3
+    assert sorted(rows.tolist()) == list(range(203))
+    for dense, label, *entries in batches:
+        assert torch.equal(label, dense[:, 0] // 3)  # the in-memory tensor stays aligned
+        assert len(entries) == 3 and len(entries[2]) == dense.numel()
+    assert max(k.stop - k.start for k in reads) <= 40  # one buffer: 4 batches of 10 rows
+    assert (rows[:10].max() - rows[:10].min()) > 8  # a batch spans more than one chunk
+    ordered = list(train.minibatches(backed, batch_size=10, generator=torch.Generator(), shuffle=False))
+    assert torch.equal(torch.cat([b[0] for b in ordered]), torch.as_tensor(x))
+
+
 def test_minibatches_reject_unequal_lengths():
     with pytest.raises(ValueError, match="equal length"):
         list(train.minibatches(torch.zeros(3), torch.zeros(4), batch_size=2, generator=torch.Generator()))

@@ -130,6 +130,10 @@ def minibatches(
     if any(t.shape[0] != n for t in tensors):
         raise BadInputError(f"minibatches needs tensors of equal length; got {[t.shape[0] for t in tensors]}")
     device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    if any(on_disk(t) for t in tensors):
+        yield from _streamed(tensors, batch_size=batch_size, generator=generator, shuffle=shuffle, nonzero=nonzero,
+                             device=device)
+        return
     # The permutation is drawn on CPU so the order does not depend on the device (nor on whether
     # the data are sparse: the same seed visits the same rows in the same order).
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -157,6 +161,71 @@ def dense_rows(x: Any, rows: Any = slice(None)) -> torch.Tensor:
     if hasattr(part, "toarray"):
         part = part.toarray()
     return torch.as_tensor(np.asarray(part, dtype=np.float32))
+
+
+# An on-disk matrix is read STREAM_CHUNK_ROWS contiguous rows at a time, and STREAM_BUFFER_BATCHES
+# batches' worth of chunks, drawn from random places, are shuffled together before they are cut into
+# batches: a file sorted by time or sample still gives mixed batches, and only the buffer is in memory.
+STREAM_CHUNK_ROWS = 64
+STREAM_BUFFER_BATCHES = 16
+
+
+def on_disk(x: Any) -> bool:
+    """Whether ``x`` is a sparse matrix still on disk: AnnData's backed CSR (``.h5ad``/zarr opened with
+    ``backed="r"``, or ``anndata.io.sparse_dataset`` of a group), read a chunk of rows at a time."""
+    try:
+        from anndata.abc import CSRDataset
+    except ImportError:  # pragma: no cover - anndata is a dependency
+        return False
+    return isinstance(x, CSRDataset)
+
+
+def _streamed(tensors: tuple[Any, ...], *, batch_size: int, generator: torch.Generator, shuffle: bool,
+              nonzero: bool, device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """:func:`minibatches` of an on-disk matrix (and in-memory tensors aligned with it), in buffers.
+
+    Chunks of contiguous rows are visited in a random order; each buffer of chunks is read, shuffled
+    and cut into batches, and the rows that do not fill a batch join the next buffer, so every batch
+    but the last is full and every row is visited once per epoch. Memory: one buffer, not the matrix.
+    Batches differ from an in-memory matrix's for the same seed (rows are shuffled within buffers).
+    """
+    n = tensors[0].shape[0]
+    n_chunks = math.ceil(n / STREAM_CHUNK_ROWS)
+    chunk_order = (torch.randperm(n_chunks, generator=generator) if shuffle else torch.arange(n_chunks)).numpy()
+    per_buffer = max(1, math.ceil(STREAM_BUFFER_BATCHES * batch_size / STREAM_CHUNK_ROWS))
+    pending_rows = np.empty(0, dtype=np.int64)
+    pending: dict[int, Any] = {}
+    for start in range(0, n_chunks, per_buffer):
+        # Read in file order (sorted chunks, adjacent ones merged), then shuffle in memory.
+        chunks = np.sort(chunk_order[start : start + per_buffer])
+        spans = np.split(chunks, np.flatnonzero(np.diff(chunks) != 1) + 1)
+        ranges = [(int(run[0]) * STREAM_CHUNK_ROWS, min(n, (int(run[-1]) + 1) * STREAM_CHUNK_ROWS)) for run in spans]
+        rows = np.concatenate([pending_rows, *[np.arange(a, b) for a, b in ranges]])
+        blocks = {}
+        for k, t in enumerate(tensors):
+            if on_disk(t):
+                parts = [pending[k]] if k in pending else []
+                blocks[k] = sp.vstack(parts + [t[a:b] for a, b in ranges], format="csr")
+        order = torch.randperm(len(rows), generator=generator).numpy() if shuffle else np.arange(len(rows))
+        rows = rows[order]
+        blocks = {k: b[order] for k, b in blocks.items()}
+        last = start + per_buffer >= n_chunks
+        full = len(rows) if last else len(rows) // batch_size * batch_size
+        for s in range(0, full, batch_size):
+            picked = rows[s : s + batch_size]
+            parts, entries = [], ()
+            for k, t in enumerate(tensors):
+                if k in blocks:
+                    dense, *found = sparse_rows(blocks[k], slice(s, s + batch_size))
+                    parts.append(dense)
+                    entries = tuple(found)
+                elif isinstance(t, torch.Tensor):
+                    parts.append(t[torch.as_tensor(picked, device=device)])
+                else:
+                    parts.append(dense_rows(t, picked))
+            yield (*parts, *entries) if nonzero else tuple(parts)
+        pending_rows = rows[full:]
+        pending = {k: b[full:] for k, b in blocks.items()}
 
 
 def sparse_rows(x: Any, rows: Any) -> tuple[torch.Tensor, ...]:

@@ -254,7 +254,13 @@ class CountEncoder(BaseModel):
         return sum(self.init_kwargs["n_inputs"])
 
     def _counts(self, x, name: str):
-        """Counts as given: a dense array, or a scipy sparse matrix kept sparse (CSR)."""
+        """Counts as given: a dense array, a scipy sparse matrix kept sparse (CSR), or an on-disk CSR
+        matrix (AnnData backed), left on disk: its values are checked batch by batch as they are read."""
+        if train.on_disk(x):
+            if len(x.shape) != 2 or x.shape[1] != self.n_features or x.shape[0] == 0:
+                raise BadInputError(f"{name} has shape {tuple(x.shape)}; the model was built for {self.n_features} "
+                                    "columns")
+            return x
         x = as_float_array(x, name=name, n_cols=self.n_features, sparse=True)
         likelihoods = self.init_kwargs.get("likelihoods") or ["nb"] * len(self.init_kwargs["n_inputs"])
         if all(lik == "nb" for lik in likelihoods) and ((x.data if sp.issparse(x) else x) < 0).any():
@@ -299,12 +305,23 @@ class CountEncoder(BaseModel):
         self._prepare_fit(seed)
         dev = train.resolve_device(device)
         # Dense counts go to the device whole; sparse ones stay on the host and each minibatch's
-        # rows are densified on their way (a 100,000 x 2,000 matrix would be 800 MB dense).
-        data = x if sp.issparse(x) else torch.as_tensor(x, device=dev)
+        # rows are densified on their way (a 100,000 x 2,000 matrix would be 800 MB dense); on-disk
+        # ones stay on disk and are read a buffer of rows at a time (train.minibatches).
+        streamed = train.on_disk(x)
+        counts_only = all(lik == "nb" for lik in self.init_kwargs.get("likelihoods") or ["nb"])
+        data = x if sp.issparse(x) or streamed else torch.as_tensor(x, device=dev)
 
         def batches(epoch: int, generator: torch.Generator):
             # A sparse batch comes with its stored entries, which the NB term needs (nb_log_prob_cells).
-            return train.minibatches(data, batch_size=batch_size, generator=generator, nonzero=sp.issparse(data))
+            stream = train.minibatches(data, batch_size=batch_size, generator=generator,
+                                       nonzero=sp.issparse(data) or streamed)
+            for batch in stream:
+                if streamed:
+                    values = batch[-1]
+                    if not torch.isfinite(values).all() or (counts_only and (values < 0).any()):
+                        raise BadInputError("x contains negative, NaN or infinite values; the encoder needs raw "
+                                            "counts (or likelihoods=['gaussian'] for log expression)")
+                yield batch
 
         val_fn = None
         if x_val is not None:
