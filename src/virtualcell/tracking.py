@@ -63,6 +63,9 @@ from virtualcell.plan import (  # noqa: F401
 DEFAULT_EXPERIMENT = "virtualcell"
 DEFAULT_ARTIFACTS = "results/mlartifacts"
 LINEAGE_SUFFIX = ".mlflow_run"
+# Per-epoch training metrics are written in batches at most this often (and when the job ends), so
+# the MLflow UI's curves follow a running job with this delay.
+EPOCH_FLUSH_S = 10.0
 ABANDONED = (
     "killed: the workflow invocation ended without closing this run (SIGKILL, node failure or power loss); "
     "a later invocation closed it"
@@ -308,6 +311,8 @@ class JobRun:
 
     def __init__(self, run_id: str | None):
         self.run_id = run_id
+        self._epochs: list[Any] = []  # per-epoch metrics not yet written (mlflow.entities.Metric)
+        self._flushed = time.monotonic()
 
     def log_params(self, params: Mapping[str, Any], *, prefix: str = "") -> None:
 
@@ -329,9 +334,32 @@ class JobRun:
         sep = "." if "/" in prefix else "/"
 
         def hook(epoch: int, metrics: Mapping[str, float]) -> None:
-            self.log_metrics({f"{prefix}{sep}{k}": v for k, v in metrics.items()}, step=epoch)
+            self._log_epoch({f"{prefix}{sep}{k}": v for k, v in metrics.items()}, step=epoch)
 
         return hook
+
+    def _log_epoch(self, metrics: Mapping[str, float], *, step: int) -> None:
+        """Buffer one epoch's metrics; write them in one batch every EPOCH_FLUSH_S (and when the job
+        ends). One write per epoch cost ~9 ms on a SQLite store: 1,200 a job for a perturb job's 300
+        epochs, a third of what tracking added to the default run."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._epochs += [Metric(k, float(v), now, step) for k, v in _flatten(metrics).items() if _is_number(v)]
+        if time.monotonic() - self._flushed >= EPOCH_FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered per-epoch metrics (MLflow takes at most 1,000 a batch)."""
+        from mlflow.tracking import MlflowClient
+
+        pending, self._epochs = self._epochs, []
+        self._flushed = time.monotonic()
+        if not pending:
+            return
+        client = MlflowClient()
+        for i in range(0, len(pending), 1000):
+            _with_retry(lambda part=pending[i : i + 1000]: client.log_batch(self.run_id, metrics=part))
 
     def log_figure(self, figure: Any, name: str) -> None:
 
@@ -402,6 +430,12 @@ class NullRun(JobRun):
         super().__init__(None)
 
     def log_params(self, params, *, prefix=""):  # noqa: D102
+        pass
+
+    def _log_epoch(self, metrics, *, step):  # noqa: D102
+        pass
+
+    def flush(self):  # noqa: D102
         pass
 
     def log_metrics(self, metrics, *, step=None):  # noqa: D102
@@ -484,6 +518,7 @@ def job_run(
         handle.log_params(params)
         handle.log_dict(describe_files(inputs), "files/inputs.json")
         yield handle
+        handle.flush()
         missing = [str(p) for p in outputs if not p.exists()]
         if missing:
             raise RuntimeError(f"job {rule} finished without writing {', '.join(missing)}")
@@ -495,6 +530,7 @@ def job_run(
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}"
         try:
+            handle.flush()  # the curve up to the failure
             mlflow.set_tag(TAG_ERROR, message[:5000])
             mlflow.log_text(message, "error.txt")
         finally:

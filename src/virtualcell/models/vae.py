@@ -330,9 +330,12 @@ class CountEncoder(BaseModel):
                 sums: dict[str, float] = {}
                 n_val = x_val.shape[0]
                 for i in range(0, n_val, batch_size):
-                    chunk = dense_rows(x_val, slice(i, i + batch_size)).to(dev)
-                    for key, value in module.loss(chunk).items():
-                        sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
+                    rows = slice(i, i + batch_size)
+                    chunk = ([dense_rows(x_val, rows)] if not (sp.issparse(x_val) or train.on_disk(x_val))
+                             else train.sparse_rows(x_val, rows))
+                    chunk = [t.to(dev) for t in chunk]
+                    for key, value in module.loss(*chunk).items():
+                        sums[key] = sums.get(key, 0.0) + float(value) * len(chunk[0])
                 return {key: total / n_val for key, total in sums.items()}
 
         return self._train(
