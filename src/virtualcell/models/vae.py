@@ -309,6 +309,10 @@ class CountEncoder(BaseModel):
         # ones stay on disk and are read a buffer of rows at a time (train.minibatches).
         streamed = train.on_disk(x)
         counts_only = all(lik == "nb" for lik in self.init_kwargs.get("likelihoods") or ["nb"])
+        if dev.type == "cpu" and not streamed and not sp.issparse(x) and counts_only:
+            # On the CPU a dense count matrix trains faster as CSR: the NB term reads each batch's stored
+            # entries from it, where finding them in the dense batch (torch.nonzero) cost 3 ms a batch.
+            x = sp.csr_matrix(x)
         data = x if sp.issparse(x) or streamed else torch.as_tensor(x, device=dev)
 
         def batches(epoch: int, generator: torch.Generator):
