@@ -164,3 +164,24 @@ def test_real_spatial_sources_ingest_as_spots_with_their_image():
     assert spots.obs["celltype"].notna().all()
     counts = spots.layers["counts"]
     assert np.all(counts.data == np.round(counts.data))
+
+
+def test_disk_rows_reads_the_selected_rows_in_blocks_whether_few_or_many(tmp_path):
+    """io.DiskRows.blocks: rows cut into blocks of about max_nnz entries; a mask of many rows is sliced
+    out of each block, a mask of few rows is read row run by row run; either way the same rows."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    x = sp.random(500, 40, density=0.2, format="csr", dtype=np.float32, random_state=rng)
+    io.write_h5ad(ad.AnnData(X=x), tmp_path / "x.h5ad")
+    with h5py.File(tmp_path / "x.h5ad", "r") as f:
+        reader = io.DiskRows(f["X"])
+        assert reader.shape == (500, 40) and reader.nnz == x.nnz
+        whole = list(reader.blocks(200))
+        assert len(whole) > 10 and max(b.nnz for *_, b in whole) <= 200 + 40
+        assert (sp.vstack([b for *_, b in whole]) != x).nnz == 0
+        for fraction in (0.5, 0.02):  # sliced out of whole blocks / read alone
+            mask = rng.random(500) < fraction
+            mask[[3, 4, 5]] = True  # a run of adjacent rows
+            picked = sp.vstack([b for *_, b in reader.blocks(400, mask)])
+            assert (picked != x[mask]).nnz == 0

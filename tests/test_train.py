@@ -10,7 +10,7 @@ import scipy.sparse
 import torch
 from torch import nn
 
-from virtualcell import train
+from virtualcell import io, train
 
 
 class NoisyRegression(nn.Module):
@@ -141,8 +141,8 @@ def test_minibatches_stream_an_on_disk_matrix_in_mixed_buffers(tmp_path, monkeyp
     ad.AnnData(X=scipy.sparse.csr_matrix(x)).write_h5ad(tmp_path / "x.h5ad")
     backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r").X
     reads = []
-    read = train._DiskRows.rows
-    monkeypatch.setattr(train._DiskRows, "rows", lambda self, a, b: reads.append(b - a) or read(self, a, b))
+    read = io.DiskRows.rows
+    monkeypatch.setattr(io.DiskRows, "rows", lambda self, a, b: reads.append(b - a) or read(self, a, b))
     labels = torch.arange(203.0)
     batches = list(train.minibatches(backed, labels, batch_size=10, generator=torch.Generator().manual_seed(0),
                                      nonzero=True))

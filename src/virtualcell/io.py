@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -456,3 +456,49 @@ def check_counts(counts: sp.csr_matrix, *, origin: str) -> None:
             f"{origin}: counts are not integers (normalised data?); provide raw counts or put them in "
             "layers['counts'], or declare the values (config datasets.<name>.values: normalized or log)"
         )
+
+
+# DiskRows.blocks reads the selected rows alone, not their whole block, when they are fewer than this fraction
+SPARSE_PICK = 0.05
+
+
+class DiskRows:
+    """Rows of a CSR matrix on disk (an h5py group with ``data``, ``indices``, ``indptr``), read from
+    its arrays directly, a block at a time.
+
+    Hand-written because AnnData's backed slicing took 4 ms per 64-row slice here, against 0.1 ms
+    for the same two array reads through h5py (``indptr`` is read once: 8 MB at 10^6 cells).
+    """
+
+    def __init__(self, group: Any) -> None:
+        self.data, self.indices = group["data"], group["indices"]
+        self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+        self.shape = (len(self.indptr) - 1, int(group.attrs["shape"][1]))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop``."""
+        a, b = int(self.indptr[start]), int(self.indptr[stop])
+        return sp.csr_matrix((np.asarray(self.data[a:b], dtype=np.float32), np.asarray(self.indices[a:b]),
+                              self.indptr[start : stop + 1] - a), shape=(stop - start, self.shape[1]))
+
+    def blocks(self, max_nnz: int, rows: np.ndarray | None = None) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+        """``(start, stop, block)`` of contiguous rows holding about ``max_nnz`` entries each, in order;
+        with ``rows`` (a mask), only the blocks holding a selected row, cut to those rows."""
+        start, n = 0, self.shape[0]
+        while start < n:
+            stop = int(np.searchsorted(self.indptr, self.indptr[start] + max_nnz, side="right")) - 1
+            stop = min(n, max(stop, start + 1))
+            picked = None if rows is None else np.flatnonzero(rows[start:stop])
+            if picked is None:
+                yield start, stop, self.rows(start, stop)
+            elif len(picked) > SPARSE_PICK * (stop - start):
+                yield start, stop, self.rows(start, stop)[picked]
+            elif len(picked):
+                # a few rows (the cells QC removed): read those alone, a run of adjacent rows at a time
+                runs = np.split(picked, np.flatnonzero(np.diff(picked) != 1) + 1)
+                yield start, stop, sp.vstack([self.rows(start + r[0], start + r[-1] + 1) for r in runs], format="csr")
+            start = stop

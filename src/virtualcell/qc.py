@@ -219,34 +219,9 @@ def run_qc(
         # and no doublet model: those steps are skipped, and the summary says so.
         skipped = {} if counts else {step: f"values: {values_of(rna)} (needs raw counts)" for step in COUNT_ONLY_STEPS}
         add_expression_metrics(rna)
-        chain = FilterChain(rna.obs, unit="cell", origin=origin)
-        chain.at_least("min_genes", rna.obs["n_genes_by_counts"], min_genes)
-        if counts:
-            chain.at_least("min_counts", rna.obs["total_counts"], min_counts)
-            chain.at_most("max_pct_mt", rna.obs["pct_counts_mt"], max_pct_mt)
-        unknown = sorted(set(mad or {}) - set(MAD_DEFAULTS))
-        if unknown:
-            raise InputError(f"qc.mad.{unknown[0]}: not a MAD metric; use {', '.join(MAD_DEFAULTS)}")
-        # In a fixed order, whatever the config's: which filter a cell is counted under must not
-        # depend on how the keys were written.
-        for metric in [m for m in MAD_DEFAULTS if m in (mad or {})]:
-            n_mads = mad[metric]
-            if n_mads is not None and f"mad.{metric}" not in skipped:
-                outlier = mad_outliers(rna.obs[metric], batch=chain.batch, n_mads=n_mads,
-                                       log1p=metric in MAD_ON_LOG1P, upper_only=metric in MAD_UPPER_ONLY)
-                chain.apply(f"mad.{metric}", ~outlier, rna.obs[metric], n_mads, metric=metric)
-        if proteins is not None:
-            # The protein filters judge the cells that have protein; a cell measured in RNA alone is
-            # kept (pair marks it, align fills in its protein embedding from its RNA).
-            has_protein = rna.obs_names.isin(proteins.obs_names)
-            total = proteins.obs[TOTAL_COUNTS].reindex(rna.obs_names)
-            chain.apply("min_protein_counts", ~has_protein | (total.to_numpy(dtype=float) >= min_protein_counts),
-                        total, min_protein_counts, metric=f"protein {TOTAL_COUNTS}")
-            if prot_cfg.max_isotype_counts is not None:
-                isotype = proteins.obs[ISOTYPE_COUNTS].reindex(rna.obs_names)
-                chain.apply("prot.max_isotype_counts",
-                            ~has_protein | (isotype.to_numpy(dtype=float) <= prot_cfg.max_isotype_counts),
-                            isotype, prot_cfg.max_isotype_counts, metric=f"protein {ISOTYPE_COUNTS}")
+        chain = filter_cells(rna.obs, counts=counts, skipped=skipped, min_genes=min_genes, min_counts=min_counts,
+                             max_pct_mt=max_pct_mt, mad=mad, proteins=proteins, prot_cfg=prot_cfg,
+                             min_protein_counts=min_protein_counts, origin=origin)
         doublet_report: dict[str, Any] = {"detected": False}
         if doublet_cfg.detect and counts:
             doublet_report = score_doublets(rna, cells=chain.keep, batch=chain.batch, settings=doublet_cfg,
@@ -378,6 +353,41 @@ class FilterChain:
         self.keep &= passed
 
 
+def filter_cells(obs: pd.DataFrame, *, counts: bool, skipped: Mapping[str, str], min_genes: int, min_counts: int,
+                 max_pct_mt: float, mad: Mapping[str, float | None] | None, proteins: ad.AnnData | None,
+                 prot_cfg: ProteinSettings, min_protein_counts: int, origin: str) -> FilterChain:
+    """RNA cells' fixed, MAD and protein filters (not doublets), on their QC metrics in ``obs``."""
+    chain = FilterChain(obs, unit="cell", origin=origin)
+    chain.at_least("min_genes", obs["n_genes_by_counts"], min_genes)
+    if counts:
+        chain.at_least("min_counts", obs["total_counts"], min_counts)
+        chain.at_most("max_pct_mt", obs["pct_counts_mt"], max_pct_mt)
+    unknown = sorted(set(mad or {}) - set(MAD_DEFAULTS))
+    if unknown:
+        raise InputError(f"qc.mad.{unknown[0]}: not a MAD metric; use {', '.join(MAD_DEFAULTS)}")
+    # In a fixed order, whatever the config's: which filter a cell is counted under must not
+    # depend on how the keys were written.
+    for metric in [m for m in MAD_DEFAULTS if m in (mad or {})]:
+        n_mads = mad[metric]
+        if n_mads is not None and f"mad.{metric}" not in skipped:
+            outlier = mad_outliers(obs[metric], batch=chain.batch, n_mads=n_mads,
+                                   log1p=metric in MAD_ON_LOG1P, upper_only=metric in MAD_UPPER_ONLY)
+            chain.apply(f"mad.{metric}", ~outlier, obs[metric], n_mads, metric=metric)
+    if proteins is not None:
+        # The protein filters judge the cells that have protein; a cell measured in RNA alone is
+        # kept (pair marks it, align fills in its protein embedding from its RNA).
+        has_protein = obs.index.isin(proteins.obs_names)
+        total = proteins.obs[TOTAL_COUNTS].reindex(obs.index)
+        chain.apply("min_protein_counts", ~has_protein | (total.to_numpy(dtype=float) >= min_protein_counts),
+                    total, min_protein_counts, metric=f"protein {TOTAL_COUNTS}")
+        if prot_cfg.max_isotype_counts is not None:
+            isotype = proteins.obs[ISOTYPE_COUNTS].reindex(obs.index)
+            chain.apply("prot.max_isotype_counts",
+                        ~has_protein | (isotype.to_numpy(dtype=float) <= prot_cfg.max_isotype_counts),
+                        isotype, prot_cfg.max_isotype_counts, metric=f"protein {ISOTYPE_COUNTS}")
+    return chain
+
+
 def batches(obs: pd.DataFrame) -> pd.Series:
     """Each observation's batch (``obs["batch"]``), or one batch ``all``."""
     if BATCH_KEY in obs:
@@ -477,7 +487,7 @@ def _finish_expression(adata: ad.AnnData, chain: FilterChain, *, name: str, min_
 
 
 def score_doublets(adata: ad.AnnData, *, cells: np.ndarray, batch: pd.Series, settings: DoubletSettings,
-                   origin: str = "input") -> dict[str, Any]:
+                   origin: str = "input", n_pcs: int | None = None) -> dict[str, Any]:
     """Scrublet doublet scores of the ``cells`` (a mask), per batch, with scanpy's ``sc.pp.scrublet``.
 
     Doublets are called per batch because a doublet can only form within one
@@ -486,16 +496,12 @@ def score_doublets(adata: ad.AnnData, *, cells: np.ndarray, batch: pd.Series, se
 
     Writes ``obs["doublet_score"]`` (NaN where not scored), ``obs["predicted_doublet"]``
     and ``uns["doublets"]`` (``removed``, and per batch ``threshold``, ``scores_obs``, ``scores_sim``)
-    and returns the summary: cells scored, predicted, rate, thresholds.
+    and returns the summary: cells scored, predicted, rate, thresholds. ``n_pcs``: scrublet's
+    principal components (None: as many as every batch allows, :func:`scrublet_components`).
     """
-    counts = adata.layers[COUNTS_LAYER]
-    # scrublet drops cells with fewer than 3 genes itself and then cannot place their scores.
-    scored = cells & (np.asarray((counts > 0).sum(axis=1)).ravel() >= 3)
-    scratch = ad.AnnData(
-        X=sp.csr_matrix(counts[scored], dtype=np.float32),
-        obs=pd.DataFrame({BATCH_KEY: batch[scored].to_numpy()}, index=adata.obs_names[scored]),
-    )
-    n_pcs = _scrublet_components(scratch, origin=origin)
+    scratch = scrublet_input(adata, cells=cells, batch=batch)
+    if n_pcs is None:
+        n_pcs = scrublet_components(scratch, origin=origin)
     largest = int(scratch.obs[BATCH_KEY].value_counts().max()) if scratch.n_obs else 0
     try:
         sc.pp.scrublet(
@@ -547,7 +553,18 @@ def score_doublets(adata: ad.AnnData, *, cells: np.ndarray, batch: pd.Series, se
     }
 
 
-def _scrublet_components(scratch: ad.AnnData, *, origin: str) -> int:
+def scrublet_input(adata: ad.AnnData, *, cells: np.ndarray, batch: pd.Series) -> ad.AnnData:
+    """The counts of the ``cells`` scrublet can score, with their batch in ``obs``."""
+    counts = adata.layers[COUNTS_LAYER]
+    # scrublet drops cells with fewer than 3 genes itself and then cannot place their scores.
+    scored = cells & (np.asarray((counts > 0).sum(axis=1)).ravel() >= 3)
+    return ad.AnnData(
+        X=sp.csr_matrix(counts[scored], dtype=np.float32),
+        obs=pd.DataFrame({BATCH_KEY: batch[scored].to_numpy()}, index=adata.obs_names[scored]),
+    )
+
+
+def scrublet_components(scratch: ad.AnnData, *, origin: str) -> int:
     """Principal components scrublet can fit in every batch (its default, 30, where it can).
 
     scanpy's scrublet keeps only the genes its own seurat-flavour HVG step selects in a
@@ -744,8 +761,10 @@ def _log10p(values: Any) -> np.ndarray:
 def _rna_figure(before: ad.AnnData, after: ad.AnnData, params: Mapping[str, Any]):
     import matplotlib.pyplot as plt
 
-    before = before.copy()
-    add_expression_metrics(before)
+    if "n_genes_by_counts" not in before.obs:
+        # (chunked QC hands over the metrics it computed, without the matrix)
+        before = before.copy()
+        add_expression_metrics(before)
     panels = [
         ("n_genes_by_counts", "genes detected", params.get("min_genes")),
         ("total_counts", "total counts", params.get("min_counts")),
@@ -818,8 +837,10 @@ def _spatial_figure(before: ad.AnnData, after: ad.AnnData, params: Mapping[str, 
     import matplotlib.pyplot as plt
 
     settings = SpatialSettings(**(params.get("spatial") or {}))
-    before = before.copy()
-    add_expression_metrics(before)
+    if "n_genes_by_counts" not in before.obs:
+        # (chunked QC hands over the metrics it computed, without the matrix)
+        before = before.copy()
+        add_expression_metrics(before)
     image = _tissue_image(before)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.5), layout="constrained",
                              gridspec_kw={"width_ratios": [1, 1, 0.7]})

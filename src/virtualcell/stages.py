@@ -206,10 +206,18 @@ def qc(*, input: str, output: str, summary: str, figures: str, params: Mapping[s
     import matplotlib.pyplot as plt
 
     from virtualcell.qc import qc_figures, run_qc
+    from virtualcell.qc_chunked import run_qc_chunked, use_chunked
 
-    mdata = io.read_h5mu(input)
-    say("qc on " + ", ".join(f"{name} {a.n_obs} x {a.n_vars}" for name, a in mdata.mod.items()))
-    filtered, result = run_qc(mdata, origin=input, **params)
+    params = dict(params)
+    chunked = use_chunked(input, params.pop("chunked", "auto"))
+    run.set_tags({"qc.chunked": str(chunked).lower()})
+    if chunked:
+        # larger than memory: read and written a block of rows at a time; the figures get the metrics
+        mdata, filtered, result = run_qc_chunked(input, output, progress=say, **params)
+    else:
+        mdata = io.read_h5mu(input)
+        say("qc on " + ", ".join(f"{name} {a.n_obs} x {a.n_vars}" for name, a in mdata.mod.items()))
+        filtered, result = run_qc(mdata, origin=input, **params)
     run.set_tags({"qc.values": result["values"]})
     skipped = result["modalities"].get(RNA, {}).get("skipped")
     if skipped:
@@ -222,7 +230,8 @@ def qc(*, input: str, output: str, summary: str, figures: str, params: Mapping[s
     for name, fig in drawn.items():
         run.log_figure(fig, f"qc/{name}.png")
     io.write_json(result, summary)
-    io.write_h5mu(filtered, output)
+    if not chunked:
+        io.write_h5mu(filtered, output)
     io.write_figures(drawn, figures)
     for fig in drawn.values():
         plt.close(fig)
