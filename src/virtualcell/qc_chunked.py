@@ -2,21 +2,24 @@
 
 ``run_qc`` holds the modality in memory several times over (the ingested counts and their
 layer, the copy it filters, the normalised ``X``): at 10^6 cells x 20,000 genes and ~1,000
-genes per cell each copy is 8 GB. Here the ingested counts are read from the ``.h5mu``
-a block of rows at a time (:class:`virtualcell.io.DiskRows`) in three passes:
+genes per cell each copy is 8 GB. Here the ingested counts are read from the ``.h5mu`` a block
+of rows at a time (:class:`virtualcell.io.DiskRows`):
 
 1. every cell: scanpy's QC metrics (``calculate_qc_metrics``' columns, same names and
-   values), then the same cell filters (:func:`virtualcell.qc.filter_cells`); doublets with
-   scanpy's scrublet, one batch's cells in memory at a time (scrublet works per batch anyway);
-2. the kept cells: genes detected (``filter_genes``' ``n_cells``, for ``min_cells``), and the
-   sums and sums of squares that give seurat_v3's means, variances and its loess fit;
-3. the kept cells and genes: seurat_v3's clipped sums, and the counts and
-   ``log1p(normalize_total)`` written block by block into the output.
+   values) and per gene the cells detected, sums and sums of squares; then the same cell
+   filters (:func:`virtualcell.qc.filter_cells`); doublets with scanpy's scrublet, one
+   batch's cells in memory at a time (scrublet works per batch anyway);
+2. the removed cells alone (a few %): their gene sums are subtracted (exact, integer counts),
+   giving ``filter_genes``' ``n_cells`` (for ``min_cells``) and seurat_v3's means, variances
+   and loess fit over the kept cells;
+3. the kept cells and genes, once more: the counts and ``log1p(normalize_total)`` written
+   block by block into the output, and seurat_v3's clipped sums (the sums less the excess of
+   the few counts above their clip value).
 
 Memory: one block (:data:`BLOCK_NNZ` entries) and per-cell and per-gene vectors.
 The results equal ``run_qc``'s (a test holds them to it).
 Hand-written because scanpy's QC metrics, seurat_v3 and normalisation need the matrix in memory.
-Only RNA counts: other modalities, normalised values and the figures' before/after are the in-memory path's.
+RNA counts alone: a dataset with other modalities or normalised values takes the in-memory path.
 """
 
 from __future__ import annotations
@@ -135,7 +138,7 @@ def run_qc_chunked(
         chain = filter_cells(rna.obs, counts=True, skipped={}, min_genes=min_genes, min_counts=min_counts,
                              max_pct_mt=max_pct_mt, mad=mad, proteins=None, prot_cfg=ProteinSettings(),
                              min_protein_counts=0, origin=input)
-        progress(f"qc pass 1/3 (metrics, filters): {int(chain.keep.sum())}/{n_obs} cells pass, "
+        progress(f"qc pass 1/2 (metrics, filters): {int(chain.keep.sum())}/{n_obs} cells pass, "
                  f"{time.perf_counter() - started:.0f} s")
         doublet_report: dict[str, Any] = {"detected": False}
         if doublet_cfg.detect:
@@ -154,7 +157,7 @@ def run_qc_chunked(
         kept = kept[:, genes].copy()
         kept.var["n_cells"] = n_cells[genes]
         n_kept = kept.n_obs
-        progress(f"qc pass 2/3 (genes): {int(genes.sum())}/{n_vars} genes in >= {min_cells} cells, "
+        progress(f"qc removed cells' gene sums subtracted: {int(genes.sum())}/{n_vars} genes in >= {min_cells} cells, "
                  f"{time.perf_counter() - started:.0f} s")
         rank_hvg = n_top_genes < kept.n_vars
         if rank_hvg:
@@ -203,7 +206,7 @@ def run_qc_chunked(
                     _overwrite_var(out, kept.var)
 
         atomic_write(output, write)
-    progress(f"qc pass 3/3 (normalise, write): {n_kept} cells x {kept.n_vars} genes to {output}, "
+    progress(f"qc pass 2/2 (normalise, write): {n_kept} cells x {kept.n_vars} genes to {output}, "
              f"{time.perf_counter() - started:.0f} s")
     report = {
         "values": values_of(kept),
@@ -250,7 +253,7 @@ def _metrics(reader: DiskRows, var_names: pd.Index, progress: Callable[[str], No
     detected = np.zeros(n_vars, dtype=np.int64)
     gene_totals = np.zeros(n_vars, dtype=np.float64)
     sums = (detected, gene_totals, np.zeros(n_vars))
-    for start, stop, block in _reported(reader.blocks(BLOCK_NNZ), reader, "pass 1/3", progress):
+    for start, stop, block in _reported(reader.blocks(BLOCK_NNZ), reader, "pass 1/2", progress):
         block.eliminate_zeros()  # scanpy counts stored entries as detected after dropping explicit zeros
         genes[start:stop] = np.diff(block.indptr)
         totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
@@ -368,9 +371,9 @@ def _rank_hvg(var_table: pd.DataFrame, mean: np.ndarray, reg_std: np.ndarray, cl
 
 def _kept_blocks(reader: DiskRows, keep: np.ndarray, genes: np.ndarray, progress: Callable[[str], None],
                  started: float):
-    """Pass 3: the kept cells' counts of the kept genes, block by block."""
+    """Pass 2: the kept cells' counts of the kept genes, block by block."""
     columns = np.flatnonzero(genes)
-    for _, _, block in _reported(reader.blocks(BLOCK_NNZ, keep), reader, "pass 3/3", progress):
+    for _, _, block in _reported(reader.blocks(BLOCK_NNZ, keep), reader, "pass 2/2", progress):
         yield block[:, columns]
 
 
@@ -404,6 +407,9 @@ class CsrWriter:
 
     def append(self, block: sp.csr_matrix) -> None:
         end = self.nnz + block.nnz
+        if end > np.iinfo(self.indptr.dtype).max:
+            raise ValueError(f"{self.indptr.name}: more than {np.iinfo(self.indptr.dtype).max} entries; "
+                             "raise max_nnz")
         self.data.resize((end,))
         self.indices.resize((end,))
         self.data[self.nnz : end] = block.data
