@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import results_file  # bench/results_file.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results" / "encoder_throughput.json"
 N_LATENT = 20
@@ -159,10 +161,7 @@ def main() -> None:
     if {"ours", "totalvi"} <= set(record["methods"]):
         record["speedup"] = round(record["methods"]["ours"]["cells_per_s"] / record["methods"]["totalvi"]["cells_per_s"], 2)
         print(f"ours / totalVI: {record['speedup']:.2f}x (target >= 3x)")
-    records = json.loads(OUT.read_text()) if OUT.exists() else []
-    records.append(record)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(records, indent=2) + "\n")
+    results_file.append(OUT, record)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import results_file  # bench/results_file.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results" / "qc_scale.json"
 BLOCK = 2_000
@@ -222,10 +224,7 @@ def main() -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    records = json.loads(OUT.read_text()) if OUT.exists() else []
-    records.append(record)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(records, indent=2) + "\n")
+    results_file.append(OUT, record)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import results_file  # bench/results_file.py, beside this script
+
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,10 +103,7 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="vc-scale-") as workdir:
             record = run(args.cells, args.genes, args.proteins, args.cores, Path(workdir))
-    records = json.loads(OUT.read_text()) if OUT.exists() else []
-    records.append(record)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(records, indent=2) + "\n")
+    results_file.append(OUT, record)
     print(f"{args.cells} cells x {args.genes} genes: {record['wall_s']:.0f} s, peak RSS "
           f"{record['peak_rss_mb']:.0f} MB, targets met: {record['targets_met']}")
     for row in record["per_rule"]:

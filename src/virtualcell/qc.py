@@ -290,21 +290,7 @@ def run_qc(
         out = md.MuData(mods)
     out.uns.update(dict(mdata.uns))
 
-    main = report[expression]
-    summary = {
-        "expression_modality": expression,
-        "values": main["values"],
-        "cells_in": main["cells_in"],
-        "cells_out": main["cells_out"],
-        "removed_by_filter_per_batch": main["removed_by_filter_per_batch"],
-        "genes_in": main["features_in"],
-        "genes_out": main["features_out"],
-        "highly_variable_genes": main["highly_variable_genes"],
-        "proteins": report[PROT]["features_out"] if PROT in report else 0,
-        "median_total_counts": main["median_total_counts"],
-        "median_pct_counts_mt": main["median_pct_counts_mt"],
-        "modalities": report,
-    }
+    summary = summarise(report, expression)
     return out, summary
 
 
@@ -471,8 +457,13 @@ def _finish_expression(adata: ad.AnnData, chain: FilterChain, *, name: str, min_
         sc.pp.log1p(adata)
         # Recorded so that cells measured elsewhere (the generator's oracle, decoded cells) are normalised alike.
         adata.uns["normalize_total"] = {"target_sum": float(target_sum)}
+    return expression_report(adata, chain, genes_in=genes_in)
+
+
+def expression_report(adata: ad.AnnData, chain: FilterChain, *, genes_in: int) -> dict[str, Any]:
+    """The summary of an expression modality after QC: cells and genes in and out, filters, medians."""
     return {
-        "values": values,
+        "values": values_of(adata),
         "cells_in": len(chain.keep),
         "cells_out": int(adata.n_obs),
         "removed_by_filter_per_batch": chain.removed,
@@ -483,6 +474,26 @@ def _finish_expression(adata: ad.AnnData, chain: FilterChain, *, name: str, min_
         "median_genes": _median(adata.obs["n_genes_by_counts"]),
         "median_pct_counts_mt": _median(adata.obs["pct_counts_mt"]),
         "median_pct_counts_ribo": _median(adata.obs["pct_counts_ribo"]),
+    }
+
+
+def summarise(report: Mapping[str, dict[str, Any]], expression: str) -> dict[str, Any]:
+    """run_qc's summary: the expression modality's (``rna``, else ``spatial``) report at the top level,
+    every modality's under ``modalities``."""
+    main = report[expression]
+    return {
+        "expression_modality": expression,
+        "values": main["values"],
+        "cells_in": main["cells_in"],
+        "cells_out": main["cells_out"],
+        "removed_by_filter_per_batch": main["removed_by_filter_per_batch"],
+        "genes_in": main["features_in"],
+        "genes_out": main["features_out"],
+        "highly_variable_genes": main["highly_variable_genes"],
+        "proteins": report[PROT]["features_out"] if PROT in report else 0,
+        "median_total_counts": main["median_total_counts"],
+        "median_pct_counts_mt": main["median_pct_counts_mt"],
+        "modalities": dict(report),
     }
 
 

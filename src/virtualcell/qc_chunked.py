@@ -24,8 +24,9 @@ RNA counts alone: a dataset with other modalities or normalised values takes the
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import anndata as ad
@@ -37,21 +38,22 @@ import scipy.sparse as sp
 
 from virtualcell.errors import InputError
 from virtualcell.files import atomic_write
-from virtualcell.io import COUNTS_LAYER, RNA, DiskRows, values_of
+from virtualcell.io import COUNTS_LAYER, RNA, DiskRows
 from virtualcell.qc import (
     DOUBLET_SCORE,
     DOUBLETS_KEY,
-    MAD_DEFAULTS,
     MT_PREFIXES,
     PREDICTED_DOUBLET,
     RIBO_PREFIXES,
     DoubletSettings,
     ProteinSettings,
-    _median,
+    expression_report,
     filter_cells,
+    run_qc,
     score_doublets,
     scrublet_components,
     scrublet_input,
+    summarise,
 )
 
 # Entries read per block: ~32 MB of data and indices, plus the float64 work arrays of a pass. Measured at
@@ -91,31 +93,20 @@ def use_chunked(path: str, setting: Any) -> bool:
     return why is None and entries > AUTO_ENTRIES
 
 
-def run_qc_chunked(
-    input: str,
-    output: str,
-    *,
-    min_genes: int = 50,
-    min_counts: int = 300,
-    max_pct_mt: float = 20.0,
-    min_cells: int = 3,
-    min_protein_counts: int = 0,
-    n_top_genes: int = 2000,
-    target_sum: float = 1e4,
-    mad: Mapping[str, float | None] | None = MAD_DEFAULTS,
-    doublets: Mapping[str, Any] | None = None,
-    prot: Mapping[str, Any] | None = None,
-    spatial: Mapping[str, Any] | None = None,
-    atac: Mapping[str, Any] | None = None,
-    progress: Callable[[str], None] = lambda message: None,
-) -> tuple[md.MuData, md.MuData, dict[str, Any]]:
+def run_qc_chunked(input: str, output: str, *, progress: Callable[[str], None] = lambda message: None,
+                   **params: Any) -> tuple[md.MuData, md.MuData, dict[str, Any]]:
     """:func:`virtualcell.qc.run_qc` of the RNA counts in ``input`` (.h5mu), written to ``output``.
 
-    Takes run_qc's parameters (``spatial``, ``atac`` and ``prot`` have nothing to act on here).
-    Returns the cells before and after QC as MuData without their matrices (``obs``, ``var``,
-    ``uns``: what the figures draw) and run_qc's summary.
+    ``params`` are run_qc's keyword parameters, with its defaults (``spatial``, ``atac``, ``prot``
+    and ``min_protein_counts`` have nothing to act on here). Returns the cells before and after QC
+    as MuData without their matrices (``obs``, ``var``, ``uns``: what the figures draw) and run_qc's
+    summary; ``progress`` is told how far each pass has got.
     """
-    del spatial, atac, prot, min_protein_counts  # RNA alone (see counts_group)
+    bound = inspect.signature(run_qc).bind_partial(**params)
+    bound.apply_defaults()
+    p = bound.arguments
+    min_genes, min_counts, max_pct_mt, min_cells = p["min_genes"], p["min_counts"], p["max_pct_mt"], p["min_cells"]
+    n_top_genes, target_sum, mad, doublets = p["n_top_genes"], p["target_sum"], p["mad"], p["doublets"]
     doublet_cfg = DoubletSettings(**(doublets or {}))
     with h5py.File(input, "r") as f:
         group = f["mod"][RNA]
@@ -208,35 +199,8 @@ def run_qc_chunked(
         atomic_write(output, write)
     progress(f"qc pass 2/2 (normalise, write): {n_kept} cells x {kept.n_vars} genes to {output}, "
              f"{time.perf_counter() - started:.0f} s")
-    report = {
-        "values": values_of(kept),
-        "cells_in": int(n_obs),
-        "cells_out": int(n_kept),
-        "removed_by_filter_per_batch": chain.removed,
-        "features_in": int(n_vars),
-        "features_out": int(kept.n_vars),
-        "highly_variable_genes": int(kept.var["highly_variable"].sum()),
-        "median_total_counts": _median(kept.obs["total_counts"]),
-        "median_genes": _median(kept.obs["n_genes_by_counts"]),
-        "median_pct_counts_mt": _median(kept.obs["pct_counts_mt"]),
-        "median_pct_counts_ribo": _median(kept.obs["pct_counts_ribo"]),
-        "doublets": doublet_report,
-        "chunked": True,
-    }
-    summary = {
-        "expression_modality": RNA,
-        "values": report["values"],
-        "cells_in": report["cells_in"],
-        "cells_out": report["cells_out"],
-        "removed_by_filter_per_batch": report["removed_by_filter_per_batch"],
-        "genes_in": report["features_in"],
-        "genes_out": report["features_out"],
-        "highly_variable_genes": report["highly_variable_genes"],
-        "proteins": 0,
-        "median_total_counts": report["median_total_counts"],
-        "median_pct_counts_mt": report["median_pct_counts_mt"],
-        "modalities": {RNA: report},
-    }
+    report = expression_report(kept, chain, genes_in=n_vars) | {"doublets": doublet_report, "chunked": True}
+    summary = summarise({RNA: report}, RNA)
     return before, after, summary
 
 
