@@ -22,7 +22,7 @@ it would dominate both times):
   running out of memory is a MemoryError, recorded, not the kernel's OOM killer.
 
 Targets: chunked peak RSS <= 16 GiB at 10^6 x 20,000 and wall time <= 1.2x scanpy's.
-Appends a record to bench/results/qc_scale.json and prints a table.
+Appends a record to bench/results/qc_scale.json, draws bench/results/qc_scale.png and prints a table.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import results_file  # bench/results_file.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results" / "qc_scale.json"
+FIGURE = OUT.with_suffix(".png")
 BLOCK = 2_000
 N_TYPES = 10
 N_BATCHES = 20
@@ -166,6 +167,35 @@ def child(mode: str, path: str, out: str) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def plot(record: dict, path: Path) -> None:
+    """Wall time and peak RSS against cells, chunked beside scanpy (a failed run drawn as a cross)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for mode, colour in (("chunked", "tab:blue"), ("scanpy", "tab:orange")):
+        runs = [r for r in record["runs"] if r["mode"] == mode]
+        for ax, key in zip(axes, ("wall_s", "peak_rss_gib"), strict=True):
+            done = [r for r in runs if "error" not in r]
+            ax.plot([r["cells"] for r in done], [r[key] for r in done], "o-", color=colour, label=mode)
+            failed = [r for r in runs if "error" in r and key in r]
+            ax.plot([r["cells"] for r in failed], [r[key] for r in failed], "x", color=colour, markersize=10,
+                    label=f"{mode}: {failed[0]['error']}" if failed else None)
+    axes[0].set_ylabel("wall time (s)")
+    axes[1].set_ylabel("peak RSS (GiB)")
+    axes[1].axhline(16, color="grey", linestyle="--", linewidth=1, label="target 16 GiB")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel(f"cells (x {record['genes']:,} genes)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"QC, chunked beside plain scanpy ({record['machine']}, {record['date'][:10]})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cells", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -174,6 +204,7 @@ def main() -> None:
     parser.add_argument("--scanpy-limit-gib", type=float, default=21.0,
                         help="address-space limit of the scanpy process (this machine has 23 GiB)")
     parser.add_argument("--workdir", help="keep the input .h5mu files here (and reuse them)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure of the last record")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "DATA", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--make-data", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -182,6 +213,9 @@ def main() -> None:
         return
     if args.make_data:
         make_data(args.make_data, args.cells[0], args.genes, args.seed)
+        return
+    if args.plot_only:
+        plot(json.loads(OUT.read_text())[-1], FIGURE)
         return
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vc-qc-scale-"))
@@ -225,6 +259,7 @@ def main() -> None:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     results_file.append(OUT, record)
+    plot(record, FIGURE)
 
 
 if __name__ == "__main__":
