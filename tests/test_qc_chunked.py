@@ -106,3 +106,29 @@ def test_chunked_true_on_a_multimodal_dataset_is_one_line_naming_the_way_out(tmp
                                          r"\(this file holds .*prot.*\); set qc.chunked: auto or false"):
         qc_chunked.use_chunked(str(tmp_path / "ingest.h5mu"), True)
     assert qc_chunked.use_chunked(str(tmp_path / "ingest.h5mu"), "auto") is False
+
+
+def test_the_config_qc_section_goes_to_either_path_as_it_is(tmp_path, tiny_mdata):
+    """What a user does in a notebook: run_qc(mdata, **config["qc"]), qc.chunked included."""
+    from virtualcell.config import validate_config
+
+    section = validate_config({"datasets": {"d": {"source": "synthetic"}}})["qc"]
+    assert section["chunked"] == "auto"
+    section = {**section, "min_genes": 20, "min_counts": 100, "n_top_genes": 50, "doublets": {"detect": False}}
+    rna_only = io.md.MuData({"rna": tiny_mdata["rna"].copy()})
+    io.write_h5mu(rna_only, tmp_path / "in.h5mu")
+    memory, summary = run_qc(io.read_h5mu(tmp_path / "in.h5mu"), **section)
+    _, _, chunked = qc_chunked.run_qc_chunked(str(tmp_path / "in.h5mu"), str(tmp_path / "out.h5mu"), **section)
+    assert chunked["cells_out"] == summary["cells_out"] == memory["rna"].n_obs
+    with pytest.raises(TypeError, match="min_gene"):
+        qc_chunked.run_qc_chunked(str(tmp_path / "in.h5mu"), str(tmp_path / "out2.h5mu"), min_gene=3)
+
+
+def test_a_truncated_input_is_left_to_the_reader_whose_error_names_the_file(tmp_path, tiny_mdata):
+    io.write_h5mu(io.md.MuData({"rna": tiny_mdata["rna"].copy()}), tmp_path / "ingest.h5mu")
+    data = (tmp_path / "ingest.h5mu").read_bytes()
+    (tmp_path / "ingest.h5mu").write_bytes(data[: len(data) // 2])
+    for setting in ("auto", True):
+        assert qc_chunked.use_chunked(str(tmp_path / "ingest.h5mu"), setting) is False
+    with pytest.raises(InputError, match="ingest.h5mu"):
+        io.read_h5mu(tmp_path / "ingest.h5mu")

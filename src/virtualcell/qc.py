@@ -132,6 +132,7 @@ def run_qc(
     prot: Mapping[str, Any] | None = None,
     spatial: Mapping[str, Any] | None = None,
     atac: Mapping[str, Any] | None = None,
+    chunked: Any = "auto",
     origin: str = "input",
 ) -> tuple[md.MuData, dict[str, Any]]:
     """Filter, normalise and select features of every modality present.
@@ -168,6 +169,10 @@ def run_qc(
     atac
         ``min_counts``, ``max_counts``, ``min_features`` per cell and the LSI's
         ``n_components``; see :class:`AtacSettings`.
+    chunked
+        Config ``qc.chunked``, so that the whole config section can be passed: the qc stage reads it
+        to choose between this function (in memory) and :func:`virtualcell.qc_chunked.run_qc_chunked`
+        (a block of rows at a time, same results); not used here.
     origin
         Name of the input file, for error messages.
 
@@ -199,6 +204,7 @@ def run_qc(
     the expression modality (``rna``, else ``spatial``), its filters including the protein
     ones that remove its cells; ``modalities`` holds the same per modality.
     """
+    del chunked  # the stage's choice (see above)
     expression = expression_modality(mdata)
     doublet_cfg = DoubletSettings(**(doublets or {}))
     prot_cfg = ProteinSettings(**(prot or {}))

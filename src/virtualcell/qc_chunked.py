@@ -64,12 +64,18 @@ BLOCK_NNZ = 4_000_000
 AUTO_ENTRIES = 200_000_000
 # seurat_v3's loess span (scanpy's default)
 LOESS_SPAN = 0.3
+# counts_group's answer for a file HDF5 cannot open (truncated, not HDF5)
+UNREADABLE = "not readable as HDF5"
 HVG_COLUMNS = ("highly_variable", "highly_variable_rank", "means", "variances", "variances_norm")
 
 
 def counts_group(path: str) -> tuple[str | None, int]:
     """Why ``path`` cannot take chunked QC (None if it can), and how many entries its RNA counts hold."""
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        return UNREADABLE, 0
+    with f:
         mods = sorted(f["mod"]) if "mod" in f else []
         if mods != [RNA]:
             return f"chunked QC takes RNA alone (this file holds {', '.join(mods) or 'no modality'})", 0
@@ -84,6 +90,8 @@ def counts_group(path: str) -> tuple[str | None, int]:
 def use_chunked(path: str, setting: Any) -> bool:
     """config ``qc.chunked``: true (stop if the file cannot take it), false, or auto (large RNA counts)."""
     why, entries = counts_group(path)
+    if why == UNREADABLE:
+        return False  # the in-memory path's reader says what is wrong with the file, in one line
     if setting is True or str(setting).lower() == "true":
         if why:
             raise InputError(f"{path}: qc.chunked: true, but {why}; set qc.chunked: auto or false")
