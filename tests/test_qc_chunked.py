@@ -132,3 +132,19 @@ def test_a_truncated_input_is_left_to_the_reader_whose_error_names_the_file(tmp_
         assert qc_chunked.use_chunked(str(tmp_path / "ingest.h5mu"), setting) is False
     with pytest.raises(InputError, match="ingest.h5mu"):
         io.read_h5mu(tmp_path / "ingest.h5mu")
+
+
+def test_the_in_memory_figure_recomputes_metrics_an_ingested_file_already_carries(tiny_mdata):
+    """Skipping the recomputation is for chunked QC's matrix-free cells only: a file's own (stale or
+    partial) obs metrics do not stand in for QC's."""
+    import matplotlib.pyplot as plt
+
+    from virtualcell.qc import qc_figures
+
+    mdata = io.md.MuData({"rna": tiny_mdata["rna"].copy()})
+    mdata["rna"].obs["n_genes_by_counts"] = 0  # a column from an earlier analysis, without its siblings
+    after, _ = run_qc(mdata, **dict(PARAMS, n_top_genes=50, doublets={"detect": False}))
+    figure = qc_figures(mdata, after, PARAMS)["rna"]
+    violins = figure.axes[0].collections
+    assert violins and max(p.get_paths()[0].vertices[:, 1].max() for p in violins[:1]) > 0
+    plt.close(figure)

@@ -778,8 +778,9 @@ def _log10p(values: Any) -> np.ndarray:
 def _rna_figure(before: ad.AnnData, after: ad.AnnData, params: Mapping[str, Any]):
     import matplotlib.pyplot as plt
 
-    if "n_genes_by_counts" not in before.obs:
-        # (chunked QC hands over the metrics it computed, without the matrix)
+    if before.X is not None or before.layers:
+        # (computed afresh: an ingested file's obs may carry stale metrics; chunked QC hands over the
+        # metrics it computed, without the matrix)
         before = before.copy()
         add_expression_metrics(before)
     panels = [
@@ -854,10 +855,8 @@ def _spatial_figure(before: ad.AnnData, after: ad.AnnData, params: Mapping[str, 
     import matplotlib.pyplot as plt
 
     settings = SpatialSettings(**(params.get("spatial") or {}))
-    if "n_genes_by_counts" not in before.obs:
-        # (chunked QC hands over the metrics it computed, without the matrix)
-        before = before.copy()
-        add_expression_metrics(before)
+    before = before.copy()
+    add_expression_metrics(before)
     image = _tissue_image(before)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.5), layout="constrained",
                              gridspec_kw={"width_ratios": [1, 1, 0.7]})
