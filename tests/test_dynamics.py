@@ -321,3 +321,36 @@ def test_marginal_fit_refuses_the_probability_flow_ode_it_never_trained(marginal
 def test_fit_rejects_an_unknown_objective():
     with pytest.raises(BadInputError, match="objective"):
         fit(stochastic=True, objective="bogus", epochs=1)
+
+
+def test_marginal_loss_integrates_each_interval_with_its_own_number_of_steps():
+    """Rows of a short interval beside a gap twice as long take half the gap's Euler steps, of the
+    same length, and the loss is the mean over intervals of Szekely's energy distance."""
+    from virtualcell.models.fields import Dynamics
+
+    torch.manual_seed(0)
+    dyn = Dynamics(2, n_hidden=16, n_layers=2, stochastic=True)
+    dyn.diffusion.fill_(0.3)
+    n, n_max = 6, 4
+    x0, x1 = torch.randn(2 * n, 2), torch.randn(2 * n, 2)
+    # interval 0 is the gap (0 -> 0.5), interval 1 a short one (0.5 -> 0.75); rows interleaved
+    group = torch.tensor([0, 1] * n)
+    t0 = torch.where(group == 0, 0.0, 0.5)
+    t1 = torch.where(group == 0, 0.5, 0.75)
+    noise = torch.randn(n_max, 2 * n, 2)
+    blocks = [x1[:n], x1[n:]]  # x1: one block per interval, in the order of the labels
+    got = dyn.marginal_loss(x0, x1, t0, t1, group, noise)["loss"]
+
+    def euler(rows, steps):
+        y, h = x0[rows], float(t1[rows][0] - t0[rows][0]) / steps
+        for k in range(steps):
+            y = y + h * dyn.drift(y, t0[rows] + k * h) + 0.3 * np.sqrt(h) * noise[k, rows]
+        return y
+
+    def edist(a, b):
+        d = lambda u, v: torch.cdist(u, v).mean()
+        return 2 * d(a, b) - d(a, a) - d(b, b)
+
+    with torch.no_grad():
+        want = 0.5 * (edist(euler(group == 0, n_max), blocks[0]) + edist(euler(group == 1, n_max // 2), blocks[1]))
+    assert float(got) == pytest.approx(float(want), abs=1e-4)

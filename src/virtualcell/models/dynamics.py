@@ -74,9 +74,9 @@ _X_SHIFT, _X_SCALE, _T_SHIFT, _T_SCALE, _TIMES = "x_shift", "x_scale", "t_shift"
 # Whether an SDE's score network was trained (not by the marginal objective); absent in older models: yes.
 _SCORE_FITTED = "score_fitted"
 OBJECTIVES = ("bridge", "marginal")
-# The marginal objective's Euler-Maruyama steps: every row of a batch takes the same number, so many
-# that the longest interval's step is at most the shortest interval / MARGINAL_STEPS (0.1 time units
-# on the default data), and at most MARGINAL_MAX_STEPS.
+# The marginal objective's Euler-Maruyama steps: every interval is integrated with steps of at most
+# the shortest interval / MARGINAL_STEPS (0.2 time units on the default data), the longest with at
+# most MARGINAL_MAX_STEPS (Dynamics.marginal_loss).
 MARGINAL_STEPS = 5
 MARGINAL_MAX_STEPS = 50
 

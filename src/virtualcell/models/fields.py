@@ -354,15 +354,21 @@ class Dynamics(nn.Module):
 
         Parameters
         ----------
-        x0, x1
-            Start cells and observed cells, (n, dim); row i of each belongs to interval ``group[i]``.
+        x0
+            Start cells, (n, dim); row i belongs to interval ``group[i]``.
+        x1
+            Cells observed at the intervals' ends: one block of equally many rows per interval, in
+            ascending order of ``group``'s labels.
         t0, t1
-            Each row's interval ends, (n,).
+            Each row of ``x0``'s interval ends, (n,).
         group
-            Each row's interval index, (n,).
+            Each row of ``x0``'s interval index, (n,).
         noise
-            Standard-normal increments, (n_steps, n, dim): every row takes ``n_steps`` steps of
-            its own length ``(t1 - t0) / n_steps``.
+            Standard-normal increments, (n_steps, n, dim). The rows of the longest interval take
+            ``n_steps`` steps, the others ``ceil(n_steps * (t1 - t0) / longest)``, so every interval
+            is integrated with steps of about the same length; step k moves only the rows that
+            still have one to take (a short interval beside a held-out gap twice as long costs
+            half the gap's steps).
         cond
             A conditioned model's condition embedding of each row.
 
@@ -371,15 +377,46 @@ class Dynamics(nn.Module):
         dict
             ``"loss"``, the mean energy distance over intervals.
         """
-        n_steps = noise.shape[0]
-        h = ((t1 - t0) / n_steps).reshape(-1, 1)
+        dt = t1 - t0
+        n_max = noise.shape[0]
+        # Each row takes steps in proportion to its interval (the longest takes n_max), so a short
+        # interval beside a 2-unit gap is not integrated with the gap's step count: rows are sorted
+        # by their number of steps and step k moves only the rows that still have one to take.
+        steps = torch.clamp(torch.ceil(n_max * dt / dt.max() - 1e-6), 1, n_max).long()
+        order = torch.argsort(steps, descending=True, stable=True)
+        x0, t0, dt, noise, steps = x0[order], t0[order], dt[order], noise[:, order], steps[order]
+        per_row = cond is not None and cond.dim() == 2 and len(cond) == len(order)  # else one for all rows
+        if per_row:
+            cond = cond[order]
+        h = (dt / steps).reshape(-1, 1)
+        moving = [int((steps > k).sum()) for k in range(n_max)]
         g = self.diffusion if self.score is not None else 0.0
         y = x0
-        for k in range(n_steps):
-            y = y + h * self.drift(y, t0 + k * h.reshape(-1), cond).float() + g * torch.sqrt(h) * noise[k]
-        groups = torch.unique(group)
-        total = torch.stack([energy_distance(y[group == k], x1[group == k]) for k in groups]).mean()
+        for k, m in enumerate(moving):
+            c = cond[:m] if per_row else cond
+            step = h[:m] * self.drift(y[:m], t0[:m] + k * h[:m].reshape(-1), c).float() \
+                + g * torch.sqrt(h[:m]) * noise[k, :m]
+            y = y[:m] + step if m == len(y) else torch.cat([y[:m] + step, y[m:]])
+        y = torch.empty_like(y).index_copy_(0, order, y)  # back to the rows' order
+        total = grouped_energy_distance(y, x1, group)
         return {train.LOSS_KEY: total}
+
+
+def grouped_energy_distance(x: torch.Tensor, y: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """The mean over groups of :func:`energy_distance` between the rows of ``x`` and ``y`` of each group.
+
+    ``group`` labels the rows of ``x``; ``y`` holds, for each label in ascending order, a block of
+    rows of the same size. When every label has as many rows of ``x`` (the simulator's batches),
+    the groups' distances are one batched computation instead of three small ones per group.
+    """
+    labels, counts = torch.unique(group, return_counts=True)
+    if len(y) % len(labels):
+        raise BadInputError(f"y must hold one equal block of rows per group: {len(y)} rows for {len(labels)} groups")
+    y_blocks = y.reshape(len(labels), len(y) // len(labels), y.shape[1])
+    if bool((counts == counts[0]).all()):
+        order = torch.argsort(group, stable=True)
+        return energy_distance(x[order].reshape(len(labels), int(counts[0]), x.shape[1]), y_blocks).mean()
+    return torch.stack([energy_distance(x[group == k], y_blocks[i]) for i, k in enumerate(labels)]).mean()
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -390,6 +427,8 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     zero self-distances.
     """
     def mean_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1) + 1e-8).mean()
+        # |a|^2 + |b|^2 - 2 a.b: one matrix product rather than an (n, m, d) difference tensor
+        sq = (a * a).sum(-1)[..., :, None] + (b * b).sum(-1)[..., None, :] - 2.0 * a @ b.transpose(-1, -2)
+        return torch.sqrt(sq.clamp_min(0.0) + 1e-8).mean((-1, -2))
 
     return 2.0 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
