@@ -133,3 +133,28 @@ def test_mean_and_std_over_seeds_of_nested_scores():
     out = tc.summarise(runs)
     assert out["w1_pca5"]["model"] == 2.0 and out["std"]["w1_pca5"]["model"] == 1.0
     assert out["gap_closed"] == pytest.approx(0.0) and out["std"]["gap_closed"] == pytest.approx(0.5)
+
+
+def test_fate_rollouts_start_from_the_cell_and_its_nearest_same_time_cells():
+    """With neighbours k, a cell's rollouts start from it and its k - 1 nearest cells of its own time:
+    a lone cell on the wrong side of a fate boundary inherits its neighbourhood's fates, and cells of
+    another time are never used."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from virtualcell import timecourse as tc
+
+    class Identity:  # a simulator that leaves every state where it is: the fate is the start's
+        def simulate(self, x, *, t0, t1, n_steps, seed):
+            return np.asarray(x)
+
+    clf = KNeighborsClassifier(1).fit([[-1.0], [1.0]], ["left", "right"])
+    # time 0: one cell just right of the boundary among 9 cells on the left; time 1: all on the right
+    x = np.array([[0.1], *[[-0.1 * k] for k in range(1, 10)], *[[0.2 * k] for k in range(1, 11)]])
+    t = np.array([0.0] * 10 + [1.0] * 10)
+    alone = tc.simulated_fates(Identity(), clf, x, t, t_end=2.0, n_rollouts=4, n_steps=5, seed=0)
+    assert alone[0].tolist() == [0.0, 1.0]  # every rollout from itself: certain
+    near = tc.simulated_fates(Identity(), clf, x, t, t_end=2.0, n_rollouts=4, n_steps=5, seed=0, neighbours=4)
+    # itself and its 3 nearest time-0 cells (all left), one rollout each; not the nearby time-1 cells
+    assert near[0].tolist() == [0.75, 0.25]
+    assert np.allclose(near[t == 1], [0.0, 1.0]) and np.allclose(near[2:10], [1.0, 0.0])
+    assert np.allclose(near.sum(axis=1), 1.0)

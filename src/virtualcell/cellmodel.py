@@ -257,8 +257,11 @@ class VirtualCell:
             end = states if t_start >= t_end else self.simulator.simulate(
                 states, t0=t_start, t1=t_end, n_steps=n_steps, seed=seed)
             return clf.predict_proba(end)
+        # As evaluate scored them: rollouts start from each cell and its nearest given cells (bundles
+        # written before evaluate.fate_neighbours start every rollout from the cell itself).
         return tc.simulated_fates(self.simulator, clf, states, np.full(len(states), t_start), t_end=t_end,
-                                  n_rollouts=n_rollouts, n_steps=n_steps, seed=seed)
+                                  n_rollouts=n_rollouts, n_steps=n_steps, seed=seed,
+                                  neighbours=int(self.meta.get("fate_neighbours", 1)))
 
     def simulate(self, states: np.ndarray, *, t_start: float, horizon: float, seed: int = 0,
                  n_steps: int | None = None) -> np.ndarray:
@@ -382,7 +385,8 @@ class VirtualCell:
 
 def write_bundle(directory: str | Path, *, shared: Any, simulator: str, encoder: str | None, aligner: str | None,
                  decoder: str | None, space: str, n_steps: int, n_rollouts: int, seed: int,
-                 predictor: str | None = None, perturbation: tuple[str, ...] | None = None) -> Path:
+                 predictor: str | None = None, perturbation: tuple[str, ...] | None = None,
+                 fate_neighbours: int = 1) -> Path:
     """Gather what a :class:`VirtualCell` needs from the pipeline's files into ``directory``.
 
     ``shared`` is the state file the simulator was trained on (AnnData: obs ``time`` and, when
@@ -415,7 +419,8 @@ def write_bundle(directory: str | Path, *, shared: Any, simulator: str, encoder:
     meta = {"format": FORMAT_VERSION, "space": state_name, "values": ref["values"],
             "target_sum": None if not np.isfinite(ref["target_sum"]) else float(ref["target_sum"]),
             "genes": genes, "hvg": hvg, "times": times.tolist(), "fate_names": fate_names,
-            "state_dim": int(x.shape[1]), "n_steps": int(n_steps), "n_rollouts": int(n_rollouts), "seed": int(seed)}
+            "state_dim": int(x.shape[1]), "n_steps": int(n_steps), "n_rollouts": int(n_rollouts), "seed": int(seed),
+            "fate_neighbours": int(fate_neighbours)}
     if state_name == "shared" and shared.uns.get(stages.PARTNER) == io.PROT:
         meta["partner_features"] = [str(f) for f in np.asarray(shared.uns.get(stages.PARTNER_NAMES, []))]
         clash = {PARTNER_PREFIX + f for f in meta["partner_features"]} & set(hvg)

@@ -79,4 +79,4 @@ def report_params(config: Mapping[str, Any]) -> dict[str, Any]:
     """What the report step reads from a validated config: the rule passes it, and so does ``--configfile``."""
     return {"register": config["mlflow"]["register"], "space": config["simulate"]["space"],
             "n_steps": config["evaluate"]["n_steps"], "fate_rollouts": config["evaluate"]["fate_rollouts"],
-            "seed": config["evaluate"]["seed"]}
+            "fate_neighbours": config["evaluate"]["fate_neighbours"], "seed": config["evaluate"]["seed"]}

@@ -50,6 +50,7 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
                                         encoder=encoder, aligner=aligner, predictor=predictor, decoder=decoder,
                                         space=params.get("space", "embedding"), n_steps=params["n_steps"],
                                         n_rollouts=max(1, params["fate_rollouts"]), seed=params["seed"],
+                                        fate_neighbours=params.get("fate_neighbours", 1),
                                         perturbation=perturbation)
         cell = cellmodel.VirtualCell(bundle)
         example = cellmodel.example_input(rna)

@@ -161,13 +161,15 @@ def score_fates(data: ad.AnnData, sims: Sequence[Any], *, x: np.ndarray, t: np.n
     classes = [str(c) for c in clf.classes_]
     cells = ~last
     predicted = [tc.simulated_fates(sim, clf, x[cells], t[cells], t_end=float(times[-1]),
-                                    n_rollouts=params["fate_rollouts"], n_steps=params["n_steps"], seed=s)
+                                    n_rollouts=params["fate_rollouts"], n_steps=params["n_steps"], seed=s,
+                                    neighbours=params["fate_neighbours"])
                  for sim, s in zip(sims, seeds, strict=True)]
     out = ad.AnnData(obs=obs.loc[cells].copy())
     out.obsm[FATES] = pd.DataFrame(np.mean(predicted, axis=0), index=out.obs_names, columns=classes)
     out.obsm[PCA5] = np.asarray(data.obsm[PCA5])[cells]
     out.uns[FATE_NAMES] = classes
-    say(f"evaluate: fate probabilities of {int(cells.sum())} cells from {params['fate_rollouts']} rollouts each, "
+    say(f"evaluate: fate probabilities of {int(cells.sum())} cells from {params['fate_rollouts']} rollouts each "
+        f"(started from the cell and its {params['fate_neighbours'] - 1} nearest same-time cells), "
         f"fates {classes}")
     if synthetic.LATENT_KEY not in data.obsm or "fate" not in obs:
         return {}, out

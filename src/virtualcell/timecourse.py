@@ -149,14 +149,30 @@ def fate_classifier(x_last: np.ndarray, labels: np.ndarray | None, *, seed: int,
 
 
 def simulated_fates(sim, clf, x: np.ndarray, t: np.ndarray, *, t_end: float, n_rollouts: int, n_steps: int,
-                    seed: int) -> np.ndarray:
-    """Each cell's fate probabilities: ``n_rollouts`` simulations to ``t_end``, endpoints classified, averaged."""
+                    seed: int, neighbours: int = 1) -> np.ndarray:
+    """Each cell's fate probabilities: ``n_rollouts`` simulations to ``t_end``, endpoints classified, averaged.
+
+    With ``neighbours`` k > 1 the rollouts of a cell start from it and its k - 1 nearest cells of
+    the same time (rollout j from the j-th nearest, round robin), rather than all from the cell:
+    a measured state is the true state plus measurement noise, and a near-deterministic model
+    would otherwise turn that noise into a certain fate (a cell's fate is decided by the noise of
+    the process *after* it was measured). The neighbours stand in for the states the cell could
+    have been in, as CellRank's fate probabilities average over the neighbour graph. Cells alone
+    at their time (or k = 1) start every rollout from themselves.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
     out = np.zeros((len(x), len(clf.classes_)))
     for k, time in enumerate(np.unique(t)):
         cells = np.flatnonzero(t == time)
-        start = np.repeat(x[cells], n_rollouts, axis=0).astype(np.float32)
+        start = np.repeat(cells, n_rollouts)
+        near = min(int(neighbours), len(cells))
+        if near > 1:
+            index = NearestNeighbors(n_neighbors=near).fit(x[cells]).kneighbors(x[cells], return_distance=False)
+            start = cells[index[:, np.arange(n_rollouts) % near].ravel()]
         steps = max(5, int(round(n_steps * (t_end - time) / max(t_end - t.min(), 1e-12))))
-        end = sim.simulate(start, t0=float(time), t1=float(t_end), n_steps=steps, seed=seed * 1000 + k)
+        end = sim.simulate(x[start].astype(np.float32), t0=float(time), t1=float(t_end), n_steps=steps,
+                           seed=seed * 1000 + k)
         out[cells] = clf.predict_proba(end).reshape(len(cells), n_rollouts, -1).mean(axis=1)
     return out
 
