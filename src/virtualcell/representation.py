@@ -259,10 +259,11 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
         # empty and never scored (has_partner).
         peaks = paired.mod[ATAC]
         out.uns[PARTNER_LOADINGS] = np.asarray(peaks.varm[LSI_LOADINGS], dtype=np.float32)
-        rows = sp.csr_matrix(peaks[emb.obs_names[has]].layers[COUNTS_LAYER] > 0, dtype=np.float32)
-        binary = sp.vstack([rows, sp.csr_matrix((int((~has).sum()), peaks.n_vars), dtype=np.float32)], format="csr")
-        order = np.concatenate([np.flatnonzero(has), np.flatnonzero(~has)])
-        out.obsm[measured_key(partner)] = binary[np.argsort(order)]
+        binary = sp.csr_matrix(peaks.layers[COUNTS_LAYER] > 0, dtype=np.float32)
+        cells = np.flatnonzero(has)
+        pick = sp.csr_matrix((np.ones(len(cells), np.float32), (cells, peaks.obs_names.get_indexer(emb.obs_names[has]))),
+                             shape=(emb.n_obs, peaks.n_obs))  # row i: cell i's peaks; empty without them
+        out.obsm[measured_key(partner)] = sp.csr_matrix(pick @ binary)
     out.obsm[SHARED_RNA], out.obsm[shared_key(partner)] = za, zb
     out.obsm[EMBED_RNA], out.obsm[input_key(partner)] = xa, xb
     test = (split == "test") & has
