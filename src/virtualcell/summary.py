@@ -106,7 +106,8 @@ def verdicts(metrics: Mapping[str, Any]) -> list[str]:
         baselines = {m: v for m, v in scores.items() if not m.startswith("model") and m != "random"}
         if "model" in scores and baselines:
             best = max(baselines, key=baselines.get)
-            label = what.replace("_", " ").replace("rna", "RNA").capitalize().replace("rna", "RNA")
+            words = [{"rna": "RNA", "atac": "ATAC"}.get(w, w) for w in what.split("_")]
+            label = " ".join([words[0][:1].upper() + words[0][1:], *words[1:]])
             unit = "AUROC" if score == "auroc" else "Pearson r"
             out.append(_versus(f"{label} (mean per-{feature} {unit}, best baseline)", scores,
                                baseline=best, lower_better=False, unit=unit))
