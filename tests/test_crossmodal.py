@@ -157,3 +157,18 @@ def test_peak_scores_rank_each_methods_lsi_taken_back_to_the_peaks():
                                     loadings=loadings, measured=counts > 0)
     auroc = scores[crossmodal.AUROC_PER_PEAK]
     assert auroc["own"] > 0.75 and abs(auroc["shuffled"] - 0.5) < 0.05
+
+
+def test_drawn_peaks_are_every_peak_or_a_sample_in_genome_order():
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(2)
+    measured = sp.csr_matrix(rng.binomial(2, 0.2, (30, 50)).astype(np.float32))
+    loadings, lsi = rng.normal(size=(50, 4)), rng.normal(size=(30, 4))
+    every = crossmodal.drawn_peaks({"model": lsi}, loadings=loadings, measured=measured)
+    np.testing.assert_array_equal(every["measured"], measured.toarray() > 0)
+    np.testing.assert_allclose(every["model"], lsi @ loadings.T)
+    some = crossmodal.drawn_peaks({"model": lsi}, loadings=loadings, measured=measured, max_peaks=10, seed=1)
+    assert some["measured"].shape == some["model"].shape == (30, 10)
+    columns = [j for j in range(50) if np.allclose(some["model"][:, 0], every["model"][:, j])]
+    assert columns and set(some["measured"].ravel()) <= {0.0, 1.0}

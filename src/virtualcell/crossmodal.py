@@ -33,6 +33,7 @@ PREDICTION_KEYS = {PROT: "protein_from_rna", ATAC: "atac_from_rna"}  # metrics.j
 RNA_FROM = {PROT: "rna_from_protein", ATAC: "rna_from_atac", IMAGE: "rna_from_image"}  # prediction.<key>, the other way
 AUROC_PER_PEAK = "auroc_per_peak"  # metrics.json prediction.atac_from_rna.<metric>
 PEAK_BLOCK = 4096  # peaks scored at once: a block of held-out cells x peaks is dense
+MAX_DRAWN_PEAKS = 2000  # peaks the prediction figure draws (a sample of a genome's)
 PREDICTED_RNA = "X_predicted_rna"  # obsm of align's output: log-normalised HVG expression from the partner alone
 PREDICTED_RNA_SHARED = f"{SHARED_RNA}_predicted"  # obsm: the RNA's shared embedding from the partner alone
 # kNN baselines, BLEEP's retrieval and the compression scores use the same neighbourhood size.
@@ -202,6 +203,20 @@ def peak_scores(predictions: Mapping[str, np.ndarray], *, loadings: np.ndarray, 
     return {AUROC_PER_PEAK: {m: float(np.nanmean(np.concatenate(v))) for m, v in per_method.items()}}
 
 
+def drawn_peaks(predictions: Mapping[str, np.ndarray], *, loadings: np.ndarray, measured: Any,
+                max_peaks: int = MAX_DRAWN_PEAKS, seed: int = 0) -> dict[str, np.ndarray]:
+    """What the prediction figure draws of peaks: ``measured`` (held-out cells x peaks, binarised, dense)
+    and each method's predicted accessibility of the same peaks; every peak up to ``max_peaks``, else a
+    random sample of them in genome order (dense, so a genome's 10^5 peaks are not all drawn)."""
+    n_peaks = loadings.shape[0]
+    peaks = np.arange(n_peaks)
+    if n_peaks > max_peaks:
+        peaks = np.sort(np.random.default_rng(seed).choice(n_peaks, size=max_peaks, replace=False))
+    kept = np.asarray(loadings, dtype=np.float64)[peaks]
+    out = {"measured": (measured[:, peaks].toarray() > 0).astype(np.float32)}
+    return out | {m: np.asarray(v) @ kept.T for m, v in predictions.items() if m != "measured"}
+
+
 def prediction_scores(predictions: Mapping[str, np.ndarray], *, feature: str = "protein") -> dict[str, dict[str, float]]:
     """``{metric: {method: value}}`` from :func:`protein_predictions` (``feature`` protein) or
     :func:`rna_predictions` (gene): mean Pearson r per feature over cells, and per cell over features."""
@@ -278,10 +293,11 @@ def score(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray
     if predicted_key(partner) in data.obsm:
         sections["energy"] = energy_scores(data, partner=partner, test=test, seed=seed)
         if partner == ATAC:
-            # Peaks are scored per peak, on their own scale (not drawn: the figure's panels are Pearson r).
+            # Peaks are scored per peak on every peak, and drawn from a sample of them.
             lsi = protein_predictions(data, partner=partner, train=train, test=test, seed=seed)
-            sections.setdefault("prediction", {})[PREDICTION_KEYS[ATAC]] = peak_scores(
-                lsi, loadings=data.uns[PARTNER_LOADINGS], measured=data.obsm[measured_key(ATAC)][np.flatnonzero(test)])
+            loadings, measured = data.uns[PARTNER_LOADINGS], data.obsm[measured_key(ATAC)][np.flatnonzero(test)]
+            sections["prediction"] = {PREDICTION_KEYS[ATAC]: peak_scores(lsi, loadings=loadings, measured=measured)}
+            predictions[PREDICTION_KEYS[ATAC]] = drawn_peaks(lsi, loadings=loadings, measured=measured, seed=seed)
         elif partner != IMAGE:
             predictions[PREDICTION_KEYS.get(partner, f"{partner}_from_rna")] = protein_predictions(
                 data, partner=partner, train=train, test=test, seed=seed)
@@ -292,7 +308,7 @@ def score(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray
         drawn["predictions"] = predictions
         sections.setdefault("prediction", {}).update({
             key: prediction_scores(pred, feature="gene" if key.startswith("rna_from") else "protein")
-            for key, pred in predictions.items()})
+            for key, pred in predictions.items() if key != PREDICTION_KEYS[ATAC]})
     spaces = {"rna": EMBED_RNA, "shared": SHARED}
     if EMBED_JOINT in data.obsm:
         spaces = {"rna": EMBED_RNA, "joint": EMBED_JOINT, "shared": SHARED}

@@ -416,7 +416,7 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
             alignment_figure = None
         if prediction_figure and "predictions" in drawn:
             fig = figures.prediction(drawn["predictions"], names={
-                "protein_from_rna": list(data.uns.get(PARTNER_NAMES, [])),
+                crossmodal.PREDICTION_KEYS.get(partner, ""): list(data.uns.get(PARTNER_NAMES, [])),
                 **{key: list(data.var_names) for key in drawn["predictions"] if key.startswith("rna_from")}})
             run.log_figure(fig, "prediction.png")
             io.write_figure(fig, prediction_figure)
