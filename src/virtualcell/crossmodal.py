@@ -182,7 +182,8 @@ def auroc_per_feature(score: np.ndarray, label: np.ndarray) -> np.ndarray:
         return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
 
 
-def peak_scores(predictions: Mapping[str, np.ndarray], *, loadings: np.ndarray, measured: Any) -> dict[str, dict[str, float]]:
+def peak_scores(predictions: Mapping[str, np.ndarray], *, loadings: np.ndarray,
+                measured: Any) -> dict[str, dict[str, float]]:
     """``{"auroc_per_peak": {method: value}}`` from :func:`protein_predictions` of peaks' LSI: each
     method's LSI taken back to every peak through the LSI's loadings (its TF-IDF reconstruction, the
     predicted accessibility) and ranked against the measured, binarised peaks (``measured``, held-out

@@ -36,7 +36,8 @@ SPATIAL_NEIGHBORS = "spatial_neighbors"
 RING_TOLERANCE = 1.2
 
 
-MODALITIES_KEY = "modalities"  # obs: what a cell was measured in, "rna+prot" ("rna+atac") or "rna" (its partner missing)
+# obs: what a cell was measured in, "rna+prot" ("rna+atac") or "rna" (its partner missing)
+MODALITIES_KEY = "modalities"
 RNA_ONLY = RNA
 
 

@@ -261,8 +261,9 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
         out.uns[PARTNER_LOADINGS] = np.asarray(peaks.varm[LSI_LOADINGS], dtype=np.float32)
         binary = sp.csr_matrix(peaks.layers[COUNTS_LAYER] > 0, dtype=np.float32)
         cells = np.flatnonzero(has)
-        pick = sp.csr_matrix((np.ones(len(cells), np.float32), (cells, peaks.obs_names.get_indexer(emb.obs_names[has]))),
-                             shape=(emb.n_obs, peaks.n_obs))  # row i: cell i's peaks; empty without them
+        source = peaks.obs_names.get_indexer(emb.obs_names[has])
+        # row i of the product: cell i's peaks; empty for a cell without them
+        pick = sp.csr_matrix((np.ones(len(cells), np.float32), (cells, source)), shape=(emb.n_obs, peaks.n_obs))
         out.obsm[measured_key(partner)] = sp.csr_matrix(pick @ binary)
     out.obsm[SHARED_RNA], out.obsm[shared_key(partner)] = za, zb
     out.obsm[EMBED_RNA], out.obsm[input_key(partner)] = xa, xb
