@@ -47,3 +47,20 @@ def test_every_schema_key_is_documented_in_config_readme():
         assert f"`{section}" in readme, section
         for key in spec.get("properties", {}):
             assert f"`{key}`" in readme, f"{section}.{key} is not documented in config/README.md"
+
+
+def test_multiome_config_is_valid_and_aligns_rna_with_its_peaks():
+    from virtualcell.plan import partner_modality
+
+    config = validate_config(load("multiome.yaml"))
+    spec = config["datasets"]["multiome"]
+    assert spec["modalities"] == ["rna", "atac"] and spec["generator"]["n_peaks"] > 0
+    assert partner_modality(spec["modalities"]) == "atac"
+    # with protein too (TEA-seq), protein is the partner and the peaks are carried; the default has no peaks
+    assert partner_modality(["rna", "prot", "atac"]) == "prot"
+    assert "n_peaks" not in validate_config(load("config.yaml"))["datasets"]["synthetic"]["generator"]
+
+
+def test_a_negative_peak_count_is_named():
+    with pytest.raises(InputError, match="n_peaks"):
+        validate_config({"datasets": {"d": {"source": "synthetic", "generator": {"n_peaks": -5}}}})

@@ -125,3 +125,50 @@ def test_baselines_recover_a_linear_map_and_random_does_not():
         assert np.mean(r) > 0.8, predict
     r = crossmodal.pearson_per_feature(crossmodal.cca_predict(x[:300], y[:300], x[300:], n_components=5), y[300:])
     assert np.mean(r) > 0.8
+
+
+def test_auroc_per_feature_is_scikit_learns_per_column_with_ties_and_one_class_columns():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    label = rng.random((80, 6)) < 0.3
+    score = label * 0.8 + rng.normal(0, 1, label.shape)
+    score[:, 2] = np.round(score[:, 2])  # ties count half, as scikit-learn counts them
+    label[:, 5] = False  # a peak closed in every held-out cell: nothing to rank
+    auc = crossmodal.auroc_per_feature(score, label)
+    for j in range(5):
+        assert auc[j] == pytest.approx(roc_auc_score(label[:, j], score[:, j]))
+    assert np.isnan(auc[5])
+
+
+def test_peak_scores_rank_each_methods_lsi_taken_back_to_the_peaks():
+    """A method that predicts the held-out cells' own LSI scores well above one that predicts another
+    cell's; the map back to peaks is the LSI's reconstruction."""
+    import scipy.sparse as sp
+
+    from virtualcell.qc import lsi, tfidf
+
+    rng = np.random.default_rng(1)
+    state = rng.normal(size=(200, 2))
+    logits = -2.0 + state @ rng.normal(0, 2, (2, 300))
+    counts = sp.csr_matrix(rng.binomial(2, 1 / (1 + np.exp(-logits))).astype(np.float32))
+    embedding, loadings, _ = lsi(tfidf(counts), n_components=10)
+    scores = crossmodal.peak_scores({"measured": None, "own": embedding, "shuffled": embedding[rng.permutation(200)]},
+                                    loadings=loadings, measured=counts > 0)
+    auroc = scores[crossmodal.AUROC_PER_PEAK]
+    assert auroc["own"] > 0.75 and abs(auroc["shuffled"] - 0.5) < 0.05
+
+
+def test_drawn_peaks_are_every_peak_or_a_sample_in_genome_order():
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(2)
+    measured = sp.csr_matrix(rng.binomial(2, 0.2, (30, 50)).astype(np.float32))
+    loadings, lsi = rng.normal(size=(50, 4)), rng.normal(size=(30, 4))
+    every = crossmodal.drawn_peaks({"model": lsi}, loadings=loadings, measured=measured)
+    np.testing.assert_array_equal(every["measured"], measured.toarray() > 0)
+    np.testing.assert_allclose(every["model"], lsi @ loadings.T)
+    some = crossmodal.drawn_peaks({"model": lsi}, loadings=loadings, measured=measured, max_peaks=10, seed=1)
+    assert some["measured"].shape == some["model"].shape == (30, 10)
+    columns = [j for j in range(50) if np.allclose(some["model"][:, 0], every["model"][:, j])]
+    assert columns and set(some["measured"].ravel()) <= {0.0, 1.0}

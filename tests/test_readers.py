@@ -143,6 +143,52 @@ def test_10x_h5_splits_every_feature_type(tmp_path):
     assert (mdata["atac"].var_names == peak_names).all()
 
 
+def test_10x_multiome_h5_reads_as_it_is_into_rna_and_atac_and_pairs_them(tmp_path):
+    """A Cell Ranger ARC filtered_feature_bc_matrix.h5 (Gene Expression + Peaks), made from the generator's
+    multiome cells: source 10x_h5 with modalities [rna, atac] gives the same counts, and pair marks the
+    cells measured in both."""
+    from virtualcell import io
+    from virtualcell.pairing import MODALITIES_KEY, pair
+    from virtualcell.synthetic import generate
+
+    made = generate(n_cells=120, n_genes=60, n_proteins=4, n_spots=10, n_peaks=80, seed=2)
+    rna, atac = made["rna"], made["atac"]
+    barcodes = [f"{c}-1" for c in rna.obs_names]
+    path = tmp_path / "filtered_feature_bc_matrix.h5"
+    write_10x_h5(path, sp.hstack([rna.X, atac.X]).tocsr(), barcodes=barcodes,
+                 ids=[f"ENSG{i:05d}" for i in range(rna.n_vars)] + list(atac.var_names),
+                 names=list(rna.var_names) + list(atac.var_names),
+                 types=["Gene Expression"] * rna.n_vars + ["Peaks"] * atac.n_vars)
+    spec = {"source": "10x_h5", "path": str(path), "modalities": ["rna", "atac"]}
+    mdata = io.read_dataset("multiome", spec)
+    assert sorted(mdata.mod) == ["atac", "rna"]
+    assert mdata["atac"].shape == (120, 80) and list(mdata["atac"].var_names) == list(atac.var_names)
+    for name, made_counts in (("rna", rna.X), ("atac", atac.X)):
+        assert_counts(mdata[name])
+        assert (mdata[name].X != made_counts).nnz == 0
+    # 20 cells lost their peaks (e.g. to ATAC QC): kept, marked, and the pairs in the RNA's order
+    mdata.mod["atac"] = mdata["atac"][20:].copy()
+    mdata.update()
+    out = pair(mdata, test_fraction=0.2, seed=0)
+    marked = out["rna"].obs[MODALITIES_KEY].astype(str).to_numpy()
+    assert (marked[:20] == "rna").all() and (marked[20:] == "rna+atac").all()
+    assert list(out["atac"].obs_names) == list(out["rna"].obs_names[20:])
+
+
+def test_atac_declared_but_no_peaks_in_the_file_is_one_line_naming_the_key(tmp_path):
+    from virtualcell import io
+
+    counts = sp.random(30, 20, density=0.5, random_state=0, format="csr") * 5
+    counts.data = np.ceil(counts.data)
+    path = tmp_path / "rna_only.h5"
+    write_10x_h5(path, counts, barcodes=[f"c{i}-1" for i in range(30)], ids=[f"G{i}" for i in range(20)],
+                 names=[f"G{i}" for i in range(20)], types=["Gene Expression"] * 20)
+    with pytest.raises(InputError) as exc:
+        io.read_dataset("multiome", {"source": "10x_h5", "path": str(path), "modalities": ["rna", "atac"]})
+    one_line(exc, names="datasets.multiome.modalities")
+    assert "no 'atac' modality" in str(exc.value) and "Peaks" in str(exc.value)
+
+
 # ---------------------------------------------------------------------------
 # CITE-seq .h5ad (scvi-tools layout)
 

@@ -45,3 +45,13 @@ def test_a_dataset_without_time_points_has_only_its_alignment_verdict(tmp_path):
     assert "spatial: Cross-modal matching" in text and "missing:" not in text
     assert "  MLflow: mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in text.splitlines()
     assert "virtualcell predict" not in text  # no dataset here has a registered virtual cell
+
+
+def test_peaks_from_rna_are_judged_on_their_own_metric_per_peak_auroc():
+    from virtualcell import summary
+
+    metrics = {"prediction": {"atac_from_rna": {"auroc_per_peak": {"model": 0.78, "cca": 0.75, "knn": 0.79,
+                                                                   "random": 0.5}}}}
+    (verdict,) = summary.verdicts(metrics)
+    assert verdict.startswith("ATAC from RNA (mean per-peak AUROC") and "**kNN" in verdict
+    assert summary.headline_tags(metrics)["atac_from_rna.auroc_per_peak.model"] == "0.780"

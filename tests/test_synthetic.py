@@ -205,6 +205,7 @@ def test_custom_time_points_are_used():
         ({"time_points": ()}, "time_points"),
         ({"n_proteins": 0}, "n_proteins"),
         ({"n_spots": 0}, "n_spots"),
+        ({"n_peaks": -1}, "n_peaks"),
     ],
 )
 def test_generate_rejects_bad_arguments(kwargs, match):
@@ -464,3 +465,55 @@ def test_fate_probabilities_are_distributions_and_match_realised_fates():
     assert (p[10:, fate_a] > 0.15).all() and (p[10:, fate_b] > 0.15).all()
     with pytest.raises(ValueError, match="after t_end"):
         syn.fate_probabilities(latent, times + 2, t_end=5.0)
+
+
+# --------------------------------------------------------------------------- generate: ATAC peaks
+
+
+def test_peaks_come_only_when_asked_and_leave_the_other_modalities_alone():
+    """n_peaks > 0 adds atac from its own stream: without it nothing changes, with it RNA, protein,
+    the truth and the spatial section are the same arrays as without."""
+    plain = syn.generate(**TINY, seed=3)
+    multiome = syn.generate(**TINY, seed=3, n_peaks=400)
+    assert syn.ATAC not in plain.mod and "n_peaks" not in plain.uns[syn.PARAMS_KEY]
+    assert multiome.uns[syn.PARAMS_KEY]["n_peaks"] == 400
+    for mod in (syn.RNA, syn.PROT, syn.SPATIAL):
+        np.testing.assert_array_equal(_dense(plain[mod].X), _dense(multiome[mod].X))
+    np.testing.assert_array_equal(plain[syn.RNA].obsm[syn.LATENT_KEY], multiome[syn.RNA].obsm[syn.LATENT_KEY])
+    again = syn.generate(**TINY, seed=3, n_peaks=400)
+    np.testing.assert_array_equal(_dense(multiome[syn.ATAC].X), _dense(again[syn.ATAC].X))
+
+
+def test_peaks_are_sparse_binary_ish_counts_named_by_position():
+    import re
+
+    atac = syn.generate(**TINY, seed=0, n_peaks=600)[syn.ATAC]
+    x = _dense(atac.X)
+    assert sp.issparse(atac.X) and atac.X.dtype == np.float32 and atac.shape == (300, 600)
+    assert set(np.unique(x)) <= {0.0, 1.0, 2.0}
+    assert 0.8 < (x == 0).mean() < 0.95  # most entries zero, as in real single-cell ATAC
+    assert ((x == 1).sum() > 3 * (x == 2).sum())  # a second allele is rarer than the first
+    assert all(re.fullmatch(r"chr\d+:\d+-\d+", n) for n in atac.var_names) and atac.var_names.is_unique
+    # the cell's capture rate is its depth: counts per cell follow it
+    depth = x.sum(axis=1)
+    assert spearmanr(depth, atac.obs["truth_capture"]).statistic > 0.7
+
+
+def test_peaks_open_with_the_latent_state_and_gene_linked_peaks_follow_their_gene():
+    mdata = syn.generate(**TINY, seed=1, n_peaks=600)
+    atac, rna = mdata[syn.ATAC], mdata[syn.RNA]
+    x = _dense(atac.X) > 0
+    basin = rna.obs[syn.BASIN_KEY].astype(str).to_numpy()
+    kind = atac.var["truth_kind"].astype(str).to_numpy()
+    # state-dependent peaks differ between basins far more than constitutive ones do
+    means = np.stack([x[basin == b].mean(axis=0) for b in np.unique(basin)])
+    spread = means.max(axis=0) - means.min(axis=0)
+    assert np.median(spread[kind != "constitutive"]) > 2 * np.median(spread[kind == "constitutive"])
+    # a gene-linked peak opens where its gene is expressed (same programme): positive correlation on average
+    linked = np.flatnonzero(kind == "gene_linked")
+    genes = _dense(rna.X)
+    lognorm = np.log1p(genes / genes.sum(axis=1, keepdims=True) * 1e4)
+    index = {g: j for j, g in enumerate(rna.var_names)}
+    with np.errstate(invalid="ignore", divide="ignore"):  # a peak or gene constant in these cells: NaN, left out
+        r = [np.corrcoef(x[:, p], lognorm[:, index[atac.var["gene"].iloc[p]]])[0, 1] for p in linked]
+    assert np.nanmedian(r) > 0.1

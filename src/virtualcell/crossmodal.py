@@ -2,7 +2,9 @@
 
 - ``alignment``: retrieval of a cell's partner (model, CCA, random), as :mod:`virtualcell.evaluate` scores it;
 - ``prediction``: the partner's values predicted from RNA alone (the JEPA-style predictor of align)
-  against CCA, ridge and kNN regression in RNA PCA space, and a random pairing (the floor); and the
+  against CCA, ridge and kNN regression in RNA PCA space, and a random pairing (the floor): protein
+  scored by Pearson r, peaks (ATAC) by AUROC per peak of the predicted accessibility against the
+  measured, binarised peak; and the
   other way, RNA (log-normalised HVGs) predicted from the partner alone (protein, or a spot's image
   patch), against the same regressions on the partner's values, a random pairing and BLEEP's
   retrieval (the mean expression of the top-k training cells whose RNA embeddings lie nearest the
@@ -23,11 +25,15 @@ import numpy as np
 from virtualcell import evaluate as ev
 from virtualcell import synthetic
 from virtualcell.pairing import IMAGE, SPATIAL_CONNECTIVITIES
-from virtualcell.stages import (EMBED_JOINT, EMBED_RNA, RNA_PCA, SHARED, SHARED_RNA, input_key, predicted_key,
-                                shared_key)
+from virtualcell.plan import ATAC, PROT
+from virtualcell.stages import (EMBED_JOINT, EMBED_RNA, PARTNER_LOADINGS, RNA_PCA, SHARED, SHARED_RNA, input_key,
+                                measured_key, predicted_key, shared_key)
 
-PREDICTION_KEYS = {"prot": "protein_from_rna"}  # metrics.json prediction.<key>
-RNA_FROM = {"prot": "rna_from_protein", IMAGE: "rna_from_image"}  # metrics.json prediction.<key>, the other way
+PREDICTION_KEYS = {PROT: "protein_from_rna", ATAC: "atac_from_rna"}  # metrics.json prediction.<key>
+RNA_FROM = {PROT: "rna_from_protein", ATAC: "rna_from_atac", IMAGE: "rna_from_image"}  # prediction.<key>, the other way
+AUROC_PER_PEAK = "auroc_per_peak"  # metrics.json prediction.atac_from_rna.<metric>
+PEAK_BLOCK = 4096  # peaks scored at once: a block of held-out cells x peaks is dense
+MAX_DRAWN_PEAKS = 2000  # peaks the prediction figure draws (a sample of a genome's)
 PREDICTED_RNA = "X_predicted_rna"  # obsm of align's output: log-normalised HVG expression from the partner alone
 PREDICTED_RNA_SHARED = f"{SHARED_RNA}_predicted"  # obsm: the RNA's shared embedding from the partner alone
 # kNN baselines, BLEEP's retrieval and the compression scores use the same neighbourhood size.
@@ -103,7 +109,8 @@ def _summary(pred: np.ndarray, true: np.ndarray, feature: str) -> dict[str, floa
 
 def protein_predictions(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray,
                         seed: int) -> dict[str, np.ndarray]:
-    """The held-out cells' protein as each method predicts it from their RNA: model, cca, knn, ridge, random.
+    """The held-out cells' protein (for peaks, their LSI) as each method predicts it from their RNA: model,
+    cca, knn, ridge, random.
 
     The baselines read the cells' RNA PCA (``obsm["X_rna_pca"]``). scikit-learn's CCA.predict is the
     baseline the issue names; it scores well below a plain ridge regression on the same PCs, so the
@@ -156,6 +163,59 @@ def rna_predictions(data: ad.AnnData, *, partner: str, source: np.ndarray, train
         "ridge": ridge_predict(x[train], y[train], x[test]),
         "random": y[train][rng.integers(0, int(train.sum()), int(test.sum()))],
     }
+
+
+def auroc_per_feature(score: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """AUROC of each column's score (over rows) for its binary label: the chance that a random positive
+    row scores above a random negative one, ties counting half (Mann-Whitney U / (n_pos n_neg)).
+
+    NaN where a column has one class only (nothing to rank; left out of every method's mean).
+    """
+    from scipy.stats import rankdata
+
+    positive = np.asarray(label) > 0
+    n_pos = positive.sum(axis=0).astype(np.float64)
+    n_neg = len(positive) - n_pos
+    ranks = rankdata(np.asarray(score, dtype=np.float64), axis=0)  # ties get their average rank
+    u = (ranks * positive).sum(axis=0) - n_pos * (n_pos + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
+def peak_scores(predictions: Mapping[str, np.ndarray], *, loadings: np.ndarray,
+                measured: Any) -> dict[str, dict[str, float]]:
+    """``{"auroc_per_peak": {method: value}}`` from :func:`protein_predictions` of peaks' LSI: each
+    method's LSI taken back to every peak through the LSI's loadings (its TF-IDF reconstruction, the
+    predicted accessibility) and ranked against the measured, binarised peaks (``measured``, held-out
+    cells x peaks, sparse), averaged over the peaks open in some held-out cells and closed in others.
+
+    The same map for every method, so methods differ only in the LSI they predict from RNA."""
+    import scipy.sparse as sp
+
+    measured = sp.csr_matrix(measured)
+    loadings = np.asarray(loadings, dtype=np.float64)
+    per_method: dict[str, list[np.ndarray]] = {m: [] for m in predictions if m != "measured"}
+    for start in range(0, loadings.shape[0], PEAK_BLOCK):
+        block = slice(start, start + PEAK_BLOCK)
+        label = measured[:, block].toarray()
+        for method, lsi in predictions.items():
+            if method != "measured":
+                per_method[method].append(auroc_per_feature(np.asarray(lsi) @ loadings[block].T, label))
+    return {AUROC_PER_PEAK: {m: float(np.nanmean(np.concatenate(v))) for m, v in per_method.items()}}
+
+
+def drawn_peaks(predictions: Mapping[str, np.ndarray], *, loadings: np.ndarray, measured: Any,
+                max_peaks: int = MAX_DRAWN_PEAKS, seed: int = 0) -> dict[str, np.ndarray]:
+    """What the prediction figure draws of peaks: ``measured`` (held-out cells x peaks, binarised, dense)
+    and each method's predicted accessibility of the same peaks; every peak up to ``max_peaks``, else a
+    random sample of them in genome order (dense, so a genome's 10^5 peaks are not all drawn)."""
+    n_peaks = loadings.shape[0]
+    peaks = np.arange(n_peaks)
+    if n_peaks > max_peaks:
+        peaks = np.sort(np.random.default_rng(seed).choice(n_peaks, size=max_peaks, replace=False))
+    kept = np.asarray(loadings, dtype=np.float64)[peaks]
+    out = {"measured": (measured[:, peaks].toarray() > 0).astype(np.float32)}
+    return out | {m: np.asarray(v) @ kept.T for m, v in predictions.items() if m != "measured"}
 
 
 def prediction_scores(predictions: Mapping[str, np.ndarray], *, feature: str = "protein") -> dict[str, dict[str, float]]:
@@ -233,7 +293,13 @@ def score(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray
     predictions: dict[str, dict[str, np.ndarray]] = {}
     if predicted_key(partner) in data.obsm:
         sections["energy"] = energy_scores(data, partner=partner, test=test, seed=seed)
-        if partner != IMAGE:
+        if partner == ATAC:
+            # Peaks are scored per peak on every peak, and drawn from a sample of them.
+            lsi = protein_predictions(data, partner=partner, train=train, test=test, seed=seed)
+            loadings, measured = data.uns[PARTNER_LOADINGS], data.obsm[measured_key(ATAC)][np.flatnonzero(test)]
+            sections["prediction"] = {PREDICTION_KEYS[ATAC]: peak_scores(lsi, loadings=loadings, measured=measured)}
+            predictions[PREDICTION_KEYS[ATAC]] = drawn_peaks(lsi, loadings=loadings, measured=measured, seed=seed)
+        elif partner != IMAGE:
             predictions[PREDICTION_KEYS.get(partner, f"{partner}_from_rna")] = protein_predictions(
                 data, partner=partner, train=train, test=test, seed=seed)
     if PREDICTED_RNA in data.obsm and data.n_vars:
@@ -241,9 +307,9 @@ def score(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray
             data, partner=partner, source=xb, train=train, test=test, seed=seed)
     if predictions:
         drawn["predictions"] = predictions
-        sections["prediction"] = {
+        sections.setdefault("prediction", {}).update({
             key: prediction_scores(pred, feature="gene" if key.startswith("rna_from") else "protein")
-            for key, pred in predictions.items()}
+            for key, pred in predictions.items() if key != PREDICTION_KEYS[ATAC]})
     spaces = {"rna": EMBED_RNA, "shared": SHARED}
     if EMBED_JOINT in data.obsm:
         spaces = {"rna": EMBED_RNA, "joint": EMBED_JOINT, "shared": SHARED}

@@ -335,16 +335,19 @@ MAX_BARS = 40
 
 def prediction(directions: Mapping[str, Mapping[str, np.ndarray]], *, names: Mapping[str, Sequence[str]] | None = None,
                max_cells: int = 2000, seed: int = 0):
-    """Each direction of cross-modal prediction (``protein_from_rna``, ``rna_from_protein``, ``rna_from_image``)
-    against the measured values of held-out cells, one row per direction.
+    """Each direction of cross-modal prediction (``protein_from_rna``, ``atac_from_rna``, ``rna_from_protein``,
+    ``rna_from_image``, ``rna_from_atac``) against the measured values of held-out cells, one row per direction.
 
-    Left: each feature's Pearson r (over cells) for the model and each baseline; bars sorted by the
-    model's r for a panel of proteins, each method's r sorted from best to worst for genes. Right:
-    predicted vs measured values of the model's best, median and worst feature, the identity dashed.
+    Left: each feature's Pearson r (over cells; for peaks, AUROC of the predicted accessibility against
+    the binarised peak) for the model and each baseline; bars sorted by the model's r for a panel of
+    proteins, each method's sorted from best to worst for genes and peaks. Right: predicted vs
+    measured values of the model's best, median and worst feature, the identity dashed (for peaks,
+    the predicted accessibility of the cells where the peak is open and where it is closed).
     ``directions`` maps a direction to ``measured`` and method -> cells x features; ``names`` a direction
     to its features' names.
     """
-    from virtualcell.crossmodal import pearson_per_feature
+    from virtualcell.crossmodal import PREDICTION_KEYS, auroc_per_feature, pearson_per_feature
+    from virtualcell.plan import ATAC
 
     plt = pyplot()
     fig = plt.figure(figsize=(15, 4.2 * len(directions)))
@@ -353,10 +356,14 @@ def prediction(directions: Mapping[str, Mapping[str, np.ndarray]], *, names: Map
     for row, (direction, predictions) in enumerate(directions.items()):
         true = np.asarray(predictions["measured"])
         methods = [m for m in predictions if m != "measured"]
-        feature = "gene" if direction.startswith("rna_from") else "protein"
+        # Peaks are open or closed: each method's predicted accessibility is judged by AUROC, not Pearson r.
+        peaks = direction == PREDICTION_KEYS[ATAC]
+        feature = "peak" if peaks else "gene" if direction.startswith("rna_from") else "protein"
+        metric, chance = ("AUROC", 0.5) if peaks else ("Pearson r", 0.0)
+        per_feature = auroc_per_feature if peaks else pearson_per_feature
         given = list((names or {}).get(direction, ()))
         labels = given if len(given) == true.shape[1] else [f"{feature} {j}" for j in range(true.shape[1])]
-        r = {m: pearson_per_feature(np.asarray(predictions[m]), true) for m in methods}
+        r = {m: per_feature(np.asarray(predictions[m]), true) for m in methods}
         order = np.argsort(-np.nan_to_num(r["model"], nan=-1))
         order = order[~np.isnan(r["model"][order])]
         bars = fig.add_subplot(grid[row, :2])
@@ -373,13 +380,22 @@ def prediction(directions: Mapping[str, Mapping[str, np.ndarray]], *, names: Map
                 bars.plot(np.arange(len(values)), values, lw=1.2 if m == "model" else 0.8,
                           label=f"{m} (mean {np.nanmean(r[m]):.3f})")
             bars.set_xlabel(f"{feature}s, each method's sorted from best to worst")
-        bars.set(ylabel="Pearson r over held-out cells", title=direction.replace("_", " ").replace("rna", "RNA") + f", per {feature}")
-        bars.axhline(0, color="k", lw=0.5)
+        bars.set(ylabel=f"{metric} over held-out cells",
+                 title=direction.replace("_", " ").replace("rna", "RNA").replace("atac", "ATAC") + f", per {feature}")
+        bars.axhline(chance, color="k", lw=0.5)
         bars.legend(fontsize=7, ncol=2)
         cells = rng.choice(len(true), size=min(len(true), max_cells), replace=False)
         for k, j in enumerate([order[0], order[len(order) // 2], order[-1]] if len(order) else []):
             ax = fig.add_subplot(grid[row, 2 + k])
             pred = np.asarray(predictions["model"])[cells, j]
+            if peaks:
+                # the predicted accessibility of the cells where the peak is open, against where it is closed
+                open_ = true[cells, j] > 0
+                ax.hist([pred[~open_], pred[open_]], bins=20, density=True, label=["closed", "open"])
+                ax.set(xlabel="predicted accessibility", ylabel="density")
+                ax.set_title(f"{labels[j]}\nAUROC = {r['model'][j]:.2f}", fontsize=8)
+                ax.legend(fontsize=7)
+                continue
             ax.scatter(true[cells, j], pred, s=3, alpha=0.4, rasterized=True)
             lo, hi = float(min(true[cells, j].min(), pred.min())), float(max(true[cells, j].max(), pred.max()))
             ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)

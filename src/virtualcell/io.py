@@ -233,7 +233,13 @@ def read_dataset(name: str, spec: Mapping[str, Any]) -> md.MuData:
     if source == "synthetic":
         from virtualcell.synthetic import generate
 
-        mdata = generate(**spec.get("generator", {}))
+        generator = dict(spec.get("generator", {}))
+        if generator.get("n_peaks") is None:
+            # Peaks cost time in every stage: generated only for a dataset that declares atac.
+            from virtualcell.synthetic_atac import DEFAULT_PEAKS
+
+            generator["n_peaks"] = DEFAULT_PEAKS if ATAC in (spec.get("modalities") or ()) else 0
+        mdata = generate(**generator)
         spec = {"time_key": "time", "batch_key": "batch", "celltype_key": "fate", **spec}
         if spec.get("generator", {}).get("cells_per_condition") and not spec.get("condition_key"):
             spec["condition_key"] = "condition"
@@ -332,6 +338,8 @@ def select_modalities(mdata: md.MuData, wanted: list[str], *, dataset: str, orig
             PROT: "for an .h5ad with protein in obsm set protein_obsm_key; for RNA-only data set "
                   f"modalities: {[m for m in wanted if m != PROT]}",
             SPATIAL: "use source visium (a Space Ranger folder) or an .h5ad with obsm['spatial'] and image_path",
+            ATAC: "give Cell Ranger ARC's filtered_feature_bc_matrix.h5 (feature types Gene Expression and Peaks), "
+                  "or an .h5mu with an 'atac' modality; for the built-in data set generator.n_peaks > 0",
         }
         hint = hints.get(missing[0], f"set modalities to those the data holds, e.g. {found}")
         raise InputError(

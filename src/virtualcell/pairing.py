@@ -18,12 +18,12 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from virtualcell.errors import InputError
-from virtualcell.io import PROT, RNA, expression_modality
+from virtualcell.io import RNA, expression_modality
 from virtualcell.readers import LIBRARY_KEY, SCALEFACTOR_OF_IMAGE, SPATIAL, check_spots_in_images
 
 SPLITS = ("train", "val", "test")
 # the modality of tissue-image patches, one per spot, paired with the spots' expression
-from virtualcell.plan import IMAGE  # noqa: E402
+from virtualcell.plan import IMAGE, partner_modality  # noqa: E402
 
 # uns key of the image modality: [channels, height, width] of each flattened patch
 PATCH_SHAPE = "patch_shape"
@@ -36,8 +36,21 @@ SPATIAL_NEIGHBORS = "spatial_neighbors"
 RING_TOLERANCE = 1.2
 
 
-MODALITIES_KEY = "modalities"  # obs: what a cell was measured in, "rna+prot" or "rna" (its protein missing)
-PAIRED, RNA_ONLY = "rna+prot", "rna"
+# obs: what a cell was measured in, "rna+prot" ("rna+atac") or "rna" (its partner missing)
+MODALITIES_KEY = "modalities"
+RNA_ONLY = RNA
+
+
+def paired_label(partner: str) -> str:
+    """obs["modalities"] of a cell measured in RNA and its partner: ``rna+prot``, ``rna+atac``."""
+    return f"{RNA}+{partner}"
+
+
+def cell_partner(mdata: md.MuData) -> str | None:
+    """The modality a dataset's cells are paired with (protein, or peaks), None for RNA alone or spots."""
+    if expression_modality(mdata) != RNA:
+        return None
+    return partner_modality(list(mdata.mod))
 
 
 def has_partner(obs: pd.DataFrame) -> np.ndarray:
@@ -48,15 +61,17 @@ def has_partner(obs: pd.DataFrame) -> np.ndarray:
 
 
 def paired_cells(mdata: md.MuData, *, origin: str = "input") -> pd.Index:
-    """Cells measured in both RNA and protein (or in RNA alone when there is no protein); for a
-    spatial section without RNA, its spots. Raises when RNA and protein share no cell at all."""
+    """Cells measured in both RNA and its partner, protein or peaks (or in RNA alone when there is
+    no partner); for a spatial section without RNA, its spots. Raises when RNA and the partner share
+    no cell at all."""
     expression = expression_modality(mdata)
     cells = mdata.mod[expression].obs_names
-    if PROT in mdata.mod and expression == RNA:
-        cells = cells.intersection(mdata.mod[PROT].obs_names, sort=False)
+    partner = cell_partner(mdata)
+    if partner:
+        cells = cells.intersection(mdata.mod[partner].obs_names, sort=False)
         if len(cells) == 0:
             raise InputError(
-                f"{origin}: RNA and protein share no cell barcodes; check that both modalities "
+                f"{origin}: rna and {partner} share no cell barcodes; check that both modalities "
                 "come from the same library (barcode suffixes such as '-1' must match)"
             )
     return cells
@@ -129,7 +144,7 @@ def pair(
     Parameters
     ----------
     mdata
-        QC'd data: ``rna`` (+ ``prot``), or ``spatial`` spots with their image.
+        QC'd data: ``rna`` (+ ``prot`` or ``atac``), or ``spatial`` spots with their image.
     val_fraction, test_fraction, group_key, seed
         The split (:func:`split_cells`).
     patch_size, patch_diameter_scale
@@ -139,9 +154,9 @@ def pair(
     Returns
     -------
     A MuData of the RNA's cells with ``obs["split"]`` (train/val/test) on the MuData and on each
-    modality. With protein, a cell measured in RNA alone is kept and marked (``obs["modalities"]``
-    ``rna``; paired cells ``rna+prot``); the protein modality holds the paired cells, in the RNA's
-    order. For spots
+    modality. With protein (or peaks), a cell measured in RNA alone is kept and marked
+    (``obs["modalities"]`` ``rna``; paired cells ``rna+prot``, ``rna+atac``); the partner modality
+    holds the paired cells, in the RNA's order. For spots
     without RNA: modalities ``spatial`` (the section's images left out: the patches
     carry them on) and ``image`` (``X``: flattened RGB patches in [0, 1],
     ``uns["patch_shape"]`` = [3, patch_size, patch_size]).
@@ -150,10 +165,12 @@ def pair(
     expression = expression_modality(mdata)
     cells = mdata.mod[expression].obs_names
     mods = {expression: mdata.mod[expression].copy()}
-    if expression == RNA and PROT in mdata.mod:
-        mods[PROT] = mdata.mod[PROT][cells[cells.isin(paired)]].copy()
-        mods[RNA].obs[MODALITIES_KEY] = pd.Categorical(np.where(cells.isin(paired), PAIRED, RNA_ONLY),
-                                                       categories=[PAIRED, RNA_ONLY])
+    partner = cell_partner(mdata)
+    if partner:
+        mods[partner] = mdata.mod[partner][cells[cells.isin(paired)]].copy()
+        both = paired_label(partner)
+        mods[RNA].obs[MODALITIES_KEY] = pd.Categorical(np.where(cells.isin(paired), both, RNA_ONLY),
+                                                       categories=[both, RNA_ONLY])
     if expression == SPATIAL:
         spots = mods[SPATIAL]
         patches = image_patches(spots, size=patch_size, diameter_scale=patch_diameter_scale, origin=origin)

@@ -35,11 +35,13 @@ IMAGE = "image"  # patches of the tissue image under each spot: the partner of s
 def partner_modality(modalities: list[str]) -> str | None:
     """What a dataset's expression is aligned with, from its declared modalities.
 
-    ``prot`` when cells have protein counts; ``image`` (patches of the tissue image under each
-    spot) for a spatial dataset without single-cell RNA; None for RNA alone (no alignment).
+    ``prot`` when cells have protein counts; else ``atac`` when they have peaks (10x Multiome; with
+    both, as in TEA-seq, protein is aligned and the peaks are QC'd and carried); ``image`` (patches
+    of the tissue image under each spot) for a spatial dataset without single-cell RNA; None for RNA
+    alone (no alignment).
     """
     if RNA in modalities:
-        return PROT if PROT in modalities else None
+        return next((m for m in (PROT, ATAC) if m in modalities), None)
     if SPATIAL in modalities:
         return IMAGE
     raise InputError(f"{list(modalities)} has no expression modality; add rna (cells) or spatial (spots)")

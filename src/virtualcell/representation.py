@@ -20,18 +20,38 @@ import scipy.sparse as sp
 
 from virtualcell import figures, io, reference, synthetic
 from virtualcell.errors import InputError
-from virtualcell.io import COUNTS_LAYER, PROT
+from virtualcell.io import ATAC, COUNTS_LAYER, PROT
 from virtualcell.pairing import (IMAGE, PATCH_SHAPE, SPATIAL_CONNECTIVITIES, SPATIAL_DISTANCES, SPATIAL_NEIGHBORS,
-                                 has_partner)
-from virtualcell.stages import (CARRIED_OBS, EMBED_JOINT, EMBED_RNA, N_RNA_PCS, PARTNER, PARTNER_NAMES, PCA5,
-                                RNA_PCA, SHARED, SHARED_RNA, _counts, _dense, _fit, _network, checkpoint_file,
-                                input_key, remove_checkpoints, say, shared_key)
+                                 cell_partner, has_partner)
+from virtualcell.qc import LSI_KEY, LSI_LOADINGS
+from virtualcell.stages import (CARRIED_OBS, EMBED_JOINT, EMBED_RNA, N_RNA_PCS, PARTNER, PARTNER_LOADINGS,
+                                PARTNER_NAMES, PCA5, RNA_PCA, SHARED, SHARED_RNA, _counts, _dense, _fit, _network,
+                                checkpoint_file, input_key, measured_key, remove_checkpoints, say, shared_key)
 from virtualcell.tracking import JobRun
+
+# What each partner's projection head reads (:func:`partner_values`), for messages and figures.
+HEAD_INPUT = {PROT: "protein CLR", ATAC: "peaks' LSI", IMAGE: "image patches"}
+
+
+def partner_values(partner_data: ad.AnnData, partner: str) -> np.ndarray:
+    """What the partner's projection head reads, one row per cell: the protein CLR and the flattened
+    image patches are QC's and pair's ``X``; for peaks, QC's LSI of their TF-IDF (``obsm["X_lsi"]``).
+
+    The LSI rather than the peaks themselves: tens of dense, depth-normalised components instead of
+    10^4-10^5 sparse, mostly-zero peaks (a head on the raw peaks would be mostly first-layer weights,
+    and every cell's few hundred open peaks a noisy sample of its state); it is the input Signac and
+    scGLUE align multiome cells on, and the one a linear baseline (CCA) can fit on a few hundred
+    cells. All components are kept, the depth-following first one included: the head can learn to
+    ignore it, and the predictor's LSI goes back to every peak through all the loadings.
+    """
+    if partner == ATAC:
+        return np.asarray(partner_data.obsm[LSI_KEY], dtype=np.float32)
+    return _dense(partner_data.X)
 
 
 def _model_inputs(paired) -> tuple[Any, Any, pd.DataFrame, str]:
-    """Expression counts (HVGs) of cells or spots, protein counts when there are any, the obs carried on,
-    and the RNA block's likelihood.
+    """Expression counts (HVGs) of cells or spots, the partner's counts (protein, peaks) when there are
+    any, the obs carried on, and the RNA block's likelihood.
 
     Counts stay sparse (CSR) when stored sparse: the encoders densify a minibatch of rows at a time.
     Normalised or log values (``datasets.<name>.values``) have no counts: the encoder reads QC's log
@@ -41,8 +61,9 @@ def _model_inputs(paired) -> tuple[Any, Any, pd.DataFrame, str]:
     hvg = rna.var["highly_variable"].to_numpy() if "highly_variable" in rna.var else slice(None)
     counts = io.values_of(rna) == "counts"
     x_rna = _counts((rna.layers[COUNTS_LAYER] if counts else rna.X)[:, hvg])
-    # The protein's rows are the paired cells (obs["modalities"]), in the RNA's order.
-    x_prot = _counts(paired.mod[PROT].layers[COUNTS_LAYER]) if PROT in paired.mod else None
+    # The partner's rows are the paired cells (obs["modalities"]), in the RNA's order.
+    partner = cell_partner(paired)
+    x_prot = _counts(paired.mod[partner].layers[COUNTS_LAYER]) if partner else None
     obs = rna.obs[[c for c in CARRIED_OBS if c in rna.obs]].copy()
     return x_rna, x_prot, obs, "nb" if counts else "gaussian"
 
@@ -177,17 +198,18 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     if params["method"] != "clip":
         raise InputError(f"config align.method: unknown method '{params['method']}'; use clip")
     paired = io.read_h5mu(input)
-    partner = PROT if PROT in paired.mod else IMAGE if IMAGE in paired.mod else None
+    partner = cell_partner(paired) or (IMAGE if IMAGE in paired.mod else None)
     if partner is None:
         raise InputError(
-            f"{input}: nothing to align the expression with (no '{PROT}' or '{IMAGE}' modality); declare "
-            "modalities [rna, prot] for CITE-seq, [spatial] for a section with its image, or [rna] to skip align"
+            f"{input}: nothing to align the expression with (no '{PROT}', '{ATAC}' or '{IMAGE}' modality); declare "
+            "modalities [rna, prot] for CITE-seq, [rna, atac] for multiome, [spatial] for a section with its image, "
+            "or [rna] to skip align"
         )
     emb = io.read_h5ad(embeddings)
     xa = np.asarray(emb.obsm[EMBED_RNA], dtype=np.float32)
     # Cells measured in RNA alone have no partner values (NaN rows): CLIP learns from the pairs.
     has = has_partner(emb.obs)
-    measured = _dense(paired.mod[partner][emb.obs_names[has]].X)
+    measured = partner_values(paired.mod[partner][emb.obs_names[has]], partner)
     xb = np.full((emb.n_obs, measured.shape[1]), np.nan, dtype=np.float32)
     xb[has] = measured
     split = emb.obs["split"].to_numpy()
@@ -201,9 +223,9 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
         init_temperature=params["temperature"], learn_temperature=params["learn_temperature"],
         image_shapes=image_shapes,
     )
-    what = "protein CLR" if partner == PROT else "image patches"
+    what = HEAD_INPUT[partner]
     say(f"align: CLIP expression latent ({xa.shape[1]}) <-> {what} ({xb.shape[1]}) on {int(train.sum())} "
-        f"{'cells' if partner == PROT else 'spots'}")
+        f"{'spots' if partner == IMAGE else 'cells'}")
     checkpoint = checkpoint_file(model, every=checkpoint_every, arrays=[xa[train], xb[train], xa[val], xb[val]],
                                  settings={"params": params, "network": _network(aligner)})
     history = _fit(
@@ -229,8 +251,20 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
         if key in emb.obsm:
             out.obsm[key] = emb.obsm[key]
     out.uns[PARTNER] = partner
-    if partner == PROT:
-        out.uns[PARTNER_NAMES] = np.asarray(paired.mod[PROT].var_names, dtype=str)
+    if partner in (PROT, ATAC):
+        out.uns[PARTNER_NAMES] = np.asarray(paired.mod[partner].var_names, dtype=str)
+    if partner == ATAC:
+        # What the peaks are scored on: the LSI's way back to every peak, and the measured peaks, binarised
+        # (a count of 2 is the second allele, not more accessibility), NaN-free: a row of an RNA-only cell is
+        # empty and never scored (has_partner).
+        peaks = paired.mod[ATAC]
+        out.uns[PARTNER_LOADINGS] = np.asarray(peaks.varm[LSI_LOADINGS], dtype=np.float32)
+        binary = sp.csr_matrix(peaks.layers[COUNTS_LAYER] > 0, dtype=np.float32)
+        cells = np.flatnonzero(has)
+        source = peaks.obs_names.get_indexer(emb.obs_names[has])
+        # row i of the product: cell i's peaks; empty for a cell without them
+        pick = sp.csr_matrix((np.ones(len(cells), np.float32), (cells, source)), shape=(emb.n_obs, peaks.n_obs))
+        out.obsm[measured_key(partner)] = sp.csr_matrix(pick @ binary)
     out.obsm[SHARED_RNA], out.obsm[shared_key(partner)] = za, zb
     out.obsm[EMBED_RNA], out.obsm[input_key(partner)] = xa, xb
     test = (split == "test") & has

@@ -26,8 +26,8 @@ import scipy.sparse as sp
 from virtualcell import figures, io, reference
 from virtualcell.errors import InputError
 from virtualcell.plan import DECODER_PARAMS, partner_modality  # noqa: F401
-from virtualcell.io import PROT, RNA
-from virtualcell.pairing import IMAGE, MODALITIES_KEY, SPATIAL_CONNECTIVITIES, has_partner
+from virtualcell.io import ATAC, PROT, RNA
+from virtualcell.pairing import IMAGE, MODALITIES_KEY, SPATIAL_CONNECTIVITIES, cell_partner, has_partner
 from virtualcell.timecourse import NO_HOLDOUT, check_holdouts, observed_times, parse_holdout
 from virtualcell.tracking import JobRun
 
@@ -42,7 +42,9 @@ PCA5 = f"X_{reference.KEY}"  # the literature's space: 5 whitened PCs of the log
 ENERGY = "pair_energy"  # obs: the predictor's squared error on a cell's measured partner embedding
 # align's output: which modality the expression was aligned with
 PARTNER = "partner"
-PARTNER_NAMES = "partner_features"  # align's output: the names of the partner's values (the proteins)
+PARTNER_NAMES = "partner_features"  # align's output: the names of the partner's values (the proteins, the peaks)
+# align's output for peaks: the LSI loadings (peaks x components) that take LSI coordinates back to peaks
+PARTNER_LOADINGS = "partner_loadings"
 # obs columns carried from the paired data into the embedding files
 CARRIED_OBS = ("split", "time", "batch", "condition", "celltype", "fate", MODALITIES_KEY)
 
@@ -58,8 +60,14 @@ def predicted_key(partner: str) -> str:
 
 
 def input_key(partner: str) -> str:
-    """obsm key of the features the partner's head read (protein CLR, flattened image patches)."""
+    """obsm key of the features the partner's head read (protein CLR, peaks' LSI, flattened image patches)."""
     return f"X_input_{partner}"
+
+
+def measured_key(partner: str) -> str:
+    """obsm key of the partner's measured features when its head reads a summary of them
+    (``X_measured_atac``: the binarised peaks, sparse)."""
+    return f"X_measured_{partner}"
 
 
 SPACES = ("embedding", "pca")
@@ -261,14 +269,15 @@ def pair(*, input: str, output: str, split: str, params: Mapping[str, Any], run:
     paired = pair_cells(mdata, origin=input, **params)
     counts = paired.obs["split"].value_counts()
     run.log_metrics({f"pair/{s}_cells": int(n) for s, n in counts.items()} | {"pair/cells": paired.n_obs})
-    if PROT in paired.mod:
-        # Counted per modality: cells measured in RNA alone are kept; align fills in their protein.
+    partner = cell_partner(paired)
+    if partner:
+        # Counted per modality: cells measured in RNA alone are kept; align fills in their partner.
         rna_only = int((~has_partner(paired.mod[RNA].obs)).sum())
-        run.log_metrics({"pair/cells.rna": paired.mod[RNA].n_obs, "pair/cells.prot": paired.mod[PROT].n_obs,
+        run.log_metrics({"pair/cells.rna": paired.mod[RNA].n_obs, f"pair/cells.{partner}": paired.mod[partner].n_obs,
                          "pair/cells.rna_only": rna_only})
         if rna_only:
             say(f"pair: {rna_only} of {paired.mod[RNA].n_obs} cells were measured in RNA alone: kept, marked "
-                f"obs['{MODALITIES_KEY}'] = 'rna'; align predicts their protein from their RNA")
+                f"obs['{MODALITIES_KEY}'] = 'rna'; align predicts their {partner} from their RNA")
     table = paired.obs[["split"]].copy()
     run.log_table(table, "split.tsv")
     if IMAGE in paired.mod:
@@ -407,7 +416,7 @@ def evaluate(*, shared: str, simulators: Mapping[str, Sequence[str]], output: st
             alignment_figure = None
         if prediction_figure and "predictions" in drawn:
             fig = figures.prediction(drawn["predictions"], names={
-                "protein_from_rna": list(data.uns.get(PARTNER_NAMES, [])),
+                crossmodal.PREDICTION_KEYS.get(partner, ""): list(data.uns.get(PARTNER_NAMES, [])),
                 **{key: list(data.var_names) for key in drawn["predictions"] if key.startswith("rna_from")}})
             run.log_figure(fig, "prediction.png")
             io.write_figure(fig, prediction_figure)
@@ -469,8 +478,9 @@ def _embedding_spaces(data: ad.AnnData, partner: str | None) -> tuple[dict[str, 
     """The embeddings evaluate's UMAP figure shows (title -> obsm key) and the partner pair."""
     partner_keys = {"RNA": SHARED_RNA, partner: shared_key(partner)} if partner else None
     spaces = {"RNA latent": EMBED_RNA, "shared": SHARED}
-    if partner == PROT and EMBED_JOINT in data.obsm:
-        spaces = {"RNA latent": EMBED_RNA, "joint RNA+protein VAE": EMBED_JOINT, "shared": SHARED}
+    if partner in (PROT, ATAC) and EMBED_JOINT in data.obsm:
+        spaces = {"RNA latent": EMBED_RNA, f"joint RNA+{'protein' if partner == PROT else 'peaks'} VAE": EMBED_JOINT,
+                  "shared": SHARED}
     return spaces, partner_keys
 
 

@@ -98,15 +98,19 @@ def verdicts(metrics: Mapping[str, Any]) -> list[str]:
             out.append(_versus(f"Cross-modal matching {pair_name} (FOSCTTM)", section["foscttm"], baseline="cca",
                                lower_better=True, unit="FOSCTTM"))
     for what, section in metrics.get("prediction", {}).items():
-        feature = "gene" if what.startswith("rna_from") else "protein"
-        scores = section.get(f"pearson_per_{feature}", {})
+        # A direction's headline metric comes first: pearson_per_protein / _gene, or auroc_per_peak.
+        metric = next(iter(section), "")
+        score, _, feature = metric.partition("_per_")
+        scores = section.get(metric, {})
         # model_ring (spots) is the model's own prediction smoothed over the neighbour graph, no baseline
         baselines = {m: v for m, v in scores.items() if not m.startswith("model") and m != "random"}
         if "model" in scores and baselines:
             best = max(baselines, key=baselines.get)
-            label = what.replace("_", " ").replace("rna", "RNA").capitalize().replace("rna", "RNA")
-            out.append(_versus(f"{label} (mean per-{feature} Pearson r, best baseline)", scores,
-                               baseline=best, lower_better=False, unit="Pearson r"))
+            words = [{"rna": "RNA", "atac": "ATAC"}.get(w, w) for w in what.split("_")]
+            label = " ".join([words[0][:1].upper() + words[0][1:], *words[1:]])
+            unit = "AUROC" if score == "auroc" else "Pearson r"
+            out.append(_versus(f"{label} (mean per-{feature} {unit}, best baseline)", scores,
+                               baseline=best, lower_better=False, unit=unit))
     compression = metrics.get("compression", {})
     for key, label in (("knn_fate", "kNN accuracy of the true fate"), ("r2_latent", "R² of the true latent")):
         spaces = compression.get(key, {})
@@ -137,7 +141,7 @@ def headline_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
     fate = metrics.get("fate", {}).get("pearson_r", {})
     picks |= {f"fate.pearson_r.{m}": fate.get(m) for m in ("model", "no_dynamics")}
     for what, section in metrics.get("prediction", {}).items():
-        metric = "pearson_per_gene" if what.startswith("rna_from") else "pearson_per_protein"
+        metric = next(iter(section), "")  # the direction's headline metric
         picks |= {f"{what}.{metric}.{m}": section.get(metric, {}).get(m) for m in ("model", "knn", "ridge")}
     return {k: f"{v:.3f}" for k, v in picks.items() if isinstance(v, int | float)}
 

@@ -83,7 +83,7 @@ if TYPE_CHECKING:
 from scipy.spatial import cKDTree
 
 # Modality names and the obs/obsm/var/uns keys that other modules read.
-from virtualcell.plan import PROT, RNA, SPATIAL  # noqa: E402
+from virtualcell.plan import ATAC, PROT, RNA, SPATIAL  # noqa: E402
 
 TIME_KEY = "time"
 FATE_KEY = "fate"
@@ -748,6 +748,7 @@ def generate(
     n_spots: int = 400,
     seed: int = 0,
     cells_per_condition: int = 0,
+    n_peaks: int = 0,
 ) -> md.MuData:
     """Generate the ground-truth multi-omic, spatial, time-course dataset.
 
@@ -769,6 +770,10 @@ def generate(
         When > 0, also cells of 8 knock-downs, 2 drugs and a combination, this many each, beside
         the ``n_cells`` control cells (:mod:`virtualcell.synthetic_conditions`); the control cells are
         the same as without them.
+    n_peaks
+        When > 0, also chromatin accessibility of every cell (10x Multiome-like ATAC peaks opened by
+        the latent state, :mod:`virtualcell.synthetic_atac`), from its own random stream: the other
+        modalities are the same as without it.
 
     Returns
     -------
@@ -784,6 +789,10 @@ def generate(
     ``mdata["prot"]``
         Same cells in the same order. ``X``: raw counts (CSR, float32). ``var``:
         ``gene`` (the tied gene), ``truth_scale``, ``truth_ambient``.
+    ``mdata["atac"]`` (``n_peaks > 0``)
+        Same cells in the same order. ``X``: peak counts in {0, 1, 2} (CSR, float32), peaks named
+        ``chr<k>:<start>-<end>``. ``var``: ``gene`` (a gene-linked peak's gene), ``truth_kind``;
+        ``obs["truth_capture"]``: the cell's capture rate (its ATAC depth).
     ``mdata["spatial"]``
         Spots. ``X``: summed raw counts of the cells in each spot, genes as in ``rna``.
         ``obs``: ``in_tissue``, ``niche``, ``n_cells``, ``array_row``, ``array_col``.
@@ -802,6 +811,8 @@ def generate(
 
     tp = np.asarray(time_points, dtype=np.float64).ravel()
     _validate(n_cells, n_genes, n_proteins, tp, n_spots)
+    if n_peaks < 0:
+        raise ValueError(f"n_peaks must be at least 0, got {n_peaks}")
     rng_genes, rng_cells, rng_rna, rng_prot, rng_tissue = np.random.default_rng(seed).spawn(5)
 
     genes = _gene_model(n_genes, rng=rng_genes)
@@ -922,13 +933,32 @@ def generate(
     with md.set_options(pull_on_update=False), warnings.catch_warnings():
         # rna and spatial share their genes on purpose; the global var repeats them.
         warnings.filterwarnings("ignore", message="var_names are not unique", category=UserWarning)
-        mdata = md.MuData({RNA: rna, PROT: prot, SPATIAL: spatial})
+        mods = {RNA: rna, PROT: prot, SPATIAL: spatial}
+        if n_peaks > 0:
+            mods[ATAC] = _atac(genes, np.asarray(obsm[LATENT_KEY]), cell_names, n_peaks=n_peaks, seed=seed)
+        mdata = md.MuData(mods)
     mdata.uns[PARAMS_KEY] = _params(
         seed=seed, n_cells=n_cells, n_genes=n_genes, n_proteins=n_proteins, time_points=tp, n_spots=n_spots
     )
+    if n_peaks > 0:
+        mdata.uns[PARAMS_KEY] |= {"n_peaks": int(n_peaks)}
     if conditions_truth is not None:
         mdata.uns[PARAMS_KEY] |= {"cells_per_condition": int(cells_per_condition), "conditions": conditions_truth}
     return mdata
+
+
+def _atac(genes: _GeneModel, latent: np.ndarray, cell_names, *, n_peaks: int, seed: int):
+    """The cells' peaks (:mod:`virtualcell.synthetic_atac`), linked to the genes that have a programme."""
+    import anndata as ad
+    import pandas as pd
+
+    from virtualcell import synthetic_atac
+
+    linkable = np.abs(genes.loadings).sum(axis=0) > 0
+    counts, var, capture = synthetic_atac.measure_atac(
+        _rbf_features(latent), genes.loadings, genes.names, linkable, n_peaks=n_peaks,
+        rng=synthetic_atac.atac_stream(seed))
+    return ad.AnnData(X=counts, obs=pd.DataFrame({"truth_capture": capture}, index=cell_names.copy()), var=var)
 
 
 # --------------------------------------------------------------------------- truth for scoring

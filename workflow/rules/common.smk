@@ -78,7 +78,7 @@ def has_time(dataset):
 
 
 def alignment_partner(dataset):
-    """What the expression is aligned with: protein, image patches (spots), or nothing (RNA only)."""
+    """What the expression is aligned with: protein, peaks (ATAC), image patches (spots), or nothing (RNA only)."""
     return partner_modality(config["datasets"][dataset]["modalities"])
 
 
