@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from virtualcell.errors import InputError
-from virtualcell.io import RNA, expression_modality
+from virtualcell.io import ATAC, PROT, RNA, expression_modality
 from virtualcell.readers import LIBRARY_KEY, SCALEFACTOR_OF_IMAGE, SPATIAL, check_spots_in_images
 
 SPLITS = ("train", "val", "test")
@@ -39,6 +39,8 @@ RING_TOLERANCE = 1.2
 # obs: what a cell was measured in, "rna+prot" ("rna+atac") or "rna" (its partner missing)
 MODALITIES_KEY = "modalities"
 RNA_ONLY = RNA
+# How messages name a cell's partner modality.
+PARTNER_WORDS = {PROT: "protein", ATAC: "ATAC peaks"}
 
 
 def paired_label(partner: str) -> str:
@@ -71,8 +73,8 @@ def paired_cells(mdata: md.MuData, *, origin: str = "input") -> pd.Index:
         cells = cells.intersection(mdata.mod[partner].obs_names, sort=False)
         if len(cells) == 0:
             raise InputError(
-                f"{origin}: rna and {partner} share no cell barcodes; check that both modalities "
-                "come from the same library (barcode suffixes such as '-1' must match)"
+                f"{origin}: RNA and {PARTNER_WORDS.get(partner, partner)} share no cell barcodes; check that both "
+                "modalities come from the same library (barcode suffixes such as '-1' must match)"
             )
     return cells
 
