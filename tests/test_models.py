@@ -324,6 +324,48 @@ def test_aligner_save_load_and_determinism(fitted_aligner, tmp_path):
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+def test_aligner_with_depth_matches_cells_in_the_same_state_by_depth_and_keeps_states_depth_free(tmp_path):
+    # Cells in few states (features alone cannot tell them apart), each with a depth that both modalities
+    # measure: with depth the aligner matches partners; its embedding without the depth column (the state)
+    # is the one at the training cells' mean depth and does not follow depth.
+    rng = np.random.default_rng(0)
+    n = 600
+    state = rng.integers(0, 4, n)
+    z = np.eye(4)[state]
+    depth = rng.normal(8.0, 0.5, n)
+    xa = (z @ rng.normal(size=(4, 6)) + 0.05 * rng.normal(size=(n, 6))).astype(np.float32)
+    xb = (z @ rng.normal(size=(4, 5)) + 0.05 * rng.normal(size=(n, 5))).astype(np.float32)
+    da = (depth + 0.05 * rng.normal(size=n)).astype(np.float32)[:, None]
+    db = (0.8 * depth + 1.0 + 0.05 * rng.normal(size=n)).astype(np.float32)[:, None]
+    ia, ib = np.hstack([xa, da]), np.hstack([xb, db])
+    tr, te = slice(0, 500), slice(500, n)
+    kw = dict(epochs=40, batch_size=128, lr=3e-3, device=CPU, seed=0)
+    with_depth = Aligner({"rna": 6, "prot": 5}, n_shared=8, n_hidden=64, depth=True)
+    with_depth.fit(ia[tr], ib[tr], **kw)
+    plain = Aligner({"rna": 6, "prot": 5}, n_shared=8, n_hidden=64)
+    plain.fit(xa[tr], xb[tr], **kw)
+
+    def top1(al, a, b):
+        return top1_retrieval(torch.tensor(al.embed("rna", a)), torch.tensor(al.embed("prot", b)))
+
+    # 100 test cells in 4 states: features alone find the partner about 1 time in 25
+    without, with_ = top1(plain, xa[te], xb[te]), top1(with_depth, ia[te], ib[te])
+    assert without < 0.1
+    assert with_ > max(0.15, 3 * without)
+    mean_depth = np.full((n, 1), da[tr].mean(), np.float32)
+    neutral = with_depth.embed("rna", xa)
+    np.testing.assert_allclose(neutral, with_depth.embed("rna", np.hstack([xa, mean_depth])), atol=1e-6)
+    own = with_depth.embed("rna", ia)
+    assert max(abs(np.corrcoef(own[:, k], depth)[0, 1]) for k in range(8)) > 0.5
+    assert max(abs(np.corrcoef(neutral[:, k], depth)[0, 1]) for k in range(8)) < 0.2
+    with_depth.save(tmp_path / "al.pt")
+    loaded = Aligner.load(tmp_path / "al.pt")
+    assert loaded.depth and loaded.n_inputs("prot") == 6
+    np.testing.assert_array_equal(loaded.embed("prot", xb), with_depth.embed("prot", xb))
+    with pytest.raises(ValueError, match="columns"):
+        with_depth.embed("prot", xb[:, :3])
+
+
 def test_aligner_rejects_unpaired_input():
     al = Aligner({"rna": 2, "prot": 3})
     with pytest.raises(ValueError, match="paired row by row"):

@@ -26,8 +26,8 @@ from virtualcell import evaluate as ev
 from virtualcell import synthetic
 from virtualcell.pairing import IMAGE, SPATIAL_CONNECTIVITIES
 from virtualcell.plan import ATAC, PROT
-from virtualcell.stages import (EMBED_JOINT, EMBED_RNA, PARTNER_LOADINGS, RNA_PCA, SHARED, SHARED_RNA, input_key,
-                                measured_key, predicted_key, shared_key)
+from virtualcell.stages import (EMBED_JOINT, EMBED_RNA, PARTNER_LOADINGS, RNA_PCA, SHARED, SHARED_RNA, depth_key,
+                                input_key, match_key, measured_key, predicted_key, shared_key)
 
 PREDICTION_KEYS = {PROT: "protein_from_rna", ATAC: "atac_from_rna"}  # metrics.json prediction.<key>
 RNA_FROM = {PROT: "rna_from_protein", ATAC: "rna_from_atac", IMAGE: "rna_from_image"}  # prediction.<key>, the other way
@@ -286,7 +286,14 @@ def score(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray
         # CCA on thousands of pixels of a few hundred spots only memorises; the linear baseline
         # sees the patches' leading principal components, fitted on training spots.
         xb = ev.pca_features(xb, fit=train, n_components=za.shape[1])
-    cca = ev.cca_embedding(xa[train], xb[train], xa[test], xb[test], n_components=za.shape[1])
+    ca, cb = xa, xb
+    if match_key("rna") in data.obsm:
+        # The aligner read each cell's depth in both modalities: cells are matched in its depth-aware
+        # embedding, and CCA reads the same inputs.
+        za, zb = data.obsm[match_key("rna")], data.obsm[match_key(partner)]
+        ca = np.hstack([xa, data.obs[[depth_key("rna")]].to_numpy(np.float64)])
+        cb = np.hstack([xb, data.obs[[depth_key(partner)]].to_numpy(np.float64)])
+    cca = ev.cca_embedding(ca[train], cb[train], ca[test], cb[test], n_components=za.shape[1])
     pairs = {"model": (za[test], zb[test]), "cca": cca, "random": ev.random_embedding(za[test], seed=seed)}
     sections: dict[str, Any] = {"alignment": {f"rna-{partner}": ev.compare_retrieval(pairs)}}
     drawn: dict[str, Any] = {"pairs": pairs}

@@ -26,7 +26,8 @@ from virtualcell.pairing import (IMAGE, PATCH_SHAPE, SPATIAL_CONNECTIVITIES, SPA
 from virtualcell.qc import LSI_KEY, LSI_LOADINGS
 from virtualcell.stages import (CARRIED_OBS, EMBED_JOINT, EMBED_RNA, N_RNA_PCS, PARTNER, PARTNER_LOADINGS,
                                 PARTNER_NAMES, PCA5, RNA_PCA, SHARED, SHARED_RNA, _counts, _dense, _fit, _network,
-                                checkpoint_file, input_key, measured_key, remove_checkpoints, say, shared_key)
+                                checkpoint_file, depth_key, input_key, match_key, measured_key, remove_checkpoints,
+                                say, shared_key)
 from virtualcell.tracking import JobRun
 
 # What each partner's projection head reads (:func:`partner_values`), for messages and figures.
@@ -47,6 +48,22 @@ def partner_values(partner_data: ad.AnnData, partner: str) -> np.ndarray:
     if partner == ATAC:
         return np.asarray(partner_data.obsm[LSI_KEY], dtype=np.float32)
     return _dense(partner_data.X)
+
+
+def _log_depths(paired, partner: str, cells: pd.Index, has: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each cell's log(1 + total counts) in RNA and in its partner (NaN where it has none), or None where
+    there are no counts to take them from (an image partner; RNA or a partner without raw counts)."""
+    expression = paired.mod[io.expression_modality(paired)]
+    if partner == IMAGE or io.values_of(expression) != "counts" or COUNTS_LAYER not in paired.mod[partner].layers:
+        return None
+
+    def log_total(data: ad.AnnData) -> np.ndarray:
+        return np.log1p(np.asarray(data.layers[COUNTS_LAYER].sum(axis=1), dtype=np.float64).ravel())
+
+    rna = log_total(expression[cells]).astype(np.float32)
+    other = np.full(len(cells), np.nan, dtype=np.float32)
+    other[has] = log_total(paired.mod[partner][cells[has]])
+    return rna, other
 
 
 def _model_inputs(paired) -> tuple[Any, Any, pd.DataFrame, str]:
@@ -217,21 +234,25 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     image_shapes = None
     if partner == IMAGE:
         image_shapes = {IMAGE: [int(v) for v in paired.mod[IMAGE].uns[PATCH_SHAPE]]}
+    depths = _log_depths(paired, partner, emb.obs_names, has) if params.get("depth", True) else None
     aligner = Aligner(
         {"rna": xa.shape[1], partner: xb.shape[1]},
         n_shared=params["n_shared"], n_hidden=params["n_hidden"], dropout=params["dropout"],
         init_temperature=params["temperature"], learn_temperature=params["learn_temperature"],
-        image_shapes=image_shapes,
+        image_shapes=image_shapes, depth=depths is not None,
     )
+    # With depth, each head reads the cell's log total counts after its features (matching); the
+    # embeddings without them (at the mean depth) are the cells' states.
+    ia, ib = (xa, xb) if depths is None else (np.hstack([xa, depths[0][:, None]]), np.hstack([xb, depths[1][:, None]]))
     what = HEAD_INPUT[partner]
     say(f"align: CLIP expression latent ({xa.shape[1]}) <-> {what} ({xb.shape[1]}) on {int(train.sum())} "
-        f"{'spots' if partner == IMAGE else 'cells'}")
-    checkpoint = checkpoint_file(model, every=checkpoint_every, arrays=[xa[train], xb[train], xa[val], xb[val]],
+        f"{'spots' if partner == IMAGE else 'cells'}{'' if depths is None else ', with each side log depth'}")
+    checkpoint = checkpoint_file(model, every=checkpoint_every, arrays=[ia[train], ib[train], ia[val], ib[val]],
                                  settings={"params": params, "network": _network(aligner)})
     history = _fit(
         functools.partial(
-            aligner.fit, xa[train], xb[train], xa_val=xa[val] if val.any() else None,
-            xb_val=xb[val] if val.any() else None, epochs=params["epochs"], batch_size=params["batch_size"],
+            aligner.fit, ia[train], ib[train], xa_val=ia[val] if val.any() else None,
+            xb_val=ib[val] if val.any() else None, epochs=params["epochs"], batch_size=params["batch_size"],
             lr=params["lr"], seed=params["seed"], device=device,
         ),
         run=run, prefix="align", checkpoint=checkpoint, every=checkpoint_every,
@@ -239,6 +260,11 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     za = aligner.embed("rna", xa)
     zb = np.full_like(za, np.nan)
     zb[has] = aligner.embed(partner, xb[has])
+    ma, mb = za, zb
+    if depths is not None:
+        ma = aligner.embed("rna", ia)
+        mb = np.full_like(ma, np.nan)
+        mb[has] = aligner.embed(partner, ib[has])
     expression = paired.mod[io.expression_modality(paired)][emb.obs_names]
     hvg = (expression.var["highly_variable"].to_numpy() if "highly_variable" in expression.var
            else np.ones(expression.n_vars, bool))
@@ -267,8 +293,11 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
         out.obsm[measured_key(partner)] = sp.csr_matrix(pick @ binary)
     out.obsm[SHARED_RNA], out.obsm[shared_key(partner)] = za, zb
     out.obsm[EMBED_RNA], out.obsm[input_key(partner)] = xa, xb
+    if depths is not None:
+        out.obsm[match_key("rna")], out.obsm[match_key(partner)] = ma, mb
+        out.obs[depth_key("rna")], out.obs[depth_key(partner)] = depths
     test = (split == "test") & has
-    metrics = retrieval_metrics(za[test], zb[test]) if test.sum() > 5 else {}
+    metrics = retrieval_metrics(ma[test], mb[test]) if test.sum() > 5 else {}
     run.log_metrics({f"align/test_{k}": v for k, v in metrics.items()})
     if predictor:
         from virtualcell import crossmodal

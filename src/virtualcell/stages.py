@@ -54,6 +54,18 @@ def shared_key(partner: str) -> str:
     return f"X_shared_{partner}"
 
 
+def match_key(modality: str) -> str:
+    """obsm key of a modality's embedding for matching cells across modalities (``X_match_rna``): the
+    aligner's embedding with each cell's own depth; written only when align reads depth (``align.depth``).
+    ``X_shared_<modality>`` is then the depth-neutral embedding a cell's state is built from."""
+    return f"X_match_{modality}"
+
+
+def depth_key(modality: str) -> str:
+    """obs column of each cell's log total counts in a modality (``log_depth_rna``), when align reads depth."""
+    return f"log_depth_{modality}"
+
+
 def predicted_key(partner: str) -> str:
     """obsm key of the partner's values predicted from RNA alone (``X_predicted_prot``)."""
     return f"X_predicted_{partner}"

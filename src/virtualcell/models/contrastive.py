@@ -161,6 +161,13 @@ class ContrastiveAligner(nn.Module):
         In training, flip and rotate each image patch by a random multiple of
         90 degrees (flip and 180 degrees only for a non-square patch), since
         tissue has no canonical orientation; embeddings are not augmented.
+    depth
+        Each modality that is not an image reads one more input column after
+        its ``dims`` features: the cell's log total counts in it (its depth).
+        In CITE-seq a cell's RNA and antibody depths go together (cell size,
+        capture), a cue for telling its partner from cells in the same state;
+        a depth-neutral embedding (:meth:`Aligner.embed` without that column)
+        is what a cell's state is built from.
     """
 
     def __init__(
@@ -174,6 +181,7 @@ class ContrastiveAligner(nn.Module):
         learn_temperature: bool = True,
         image_shapes: dict[str, list[int]] | None = None,
         augment_images: bool = True,
+        depth: bool = False,
     ) -> None:
         super().__init__()
         if len(dims) != 2:
@@ -184,6 +192,8 @@ class ContrastiveAligner(nn.Module):
         _check_image_shapes(self.image_shapes, dims)
         self.augment_images = augment_images
         self.names = list(dims)
+        self.depth = bool(depth)
+        dims = {name: int(d) + int(self.depth and name not in self.image_shapes) for name, d in dims.items()}
         sizes = {"n_hidden": n_hidden, "n_shared": n_shared, "dropout": dropout}
         self.heads = nn.ModuleDict(
             {
@@ -281,6 +291,15 @@ class Aligner(BaseModel):
 
     >>> al = Aligner({"expr": 30, "image": 3 * 32 * 32}, image_shapes={"image": [3, 32, 32]})
     >>> al.fit(z_spots, image_patches(spots, size=32), epochs=100, seed=0)
+
+    With ``depth=True`` each cell's log total counts follow its features (one more column in
+    ``fit``); matching reads them, and ``embed`` without that column gives the depth-neutral
+    embedding (at the training cells' mean depth):
+
+    >>> al = Aligner({"rna": 10, "prot": 14}, depth=True)
+    >>> al.fit(np.hstack([z_rna, log_depth_rna]), np.hstack([clr_prot, log_depth_prot]), seed=0)
+    >>> match = al.embed("rna", np.hstack([z_rna, log_depth_rna]))
+    >>> state = al.embed("rna", z_rna)
     """
 
     _module_cls = ContrastiveAligner
@@ -297,11 +316,20 @@ class Aligner(BaseModel):
     def names(self) -> list[str]:
         return list(self.init_kwargs["dims"])
 
+    @property
+    def depth(self) -> bool:
+        """Whether the inputs of the modalities that are not images end in the cells' log depth."""
+        return bool(self.init_kwargs.get("depth", False))
+
+    def n_inputs(self, name: str) -> int:
+        """Columns a modality's rows hold in :meth:`fit`: its features, and its depth with ``depth=True``."""
+        shapes = self.init_kwargs.get("image_shapes") or {}
+        return self.init_kwargs["dims"][name] + int(self.depth and name not in shapes)
+
     def _pair(self, xa, xb, suffix: str = "") -> tuple[np.ndarray, np.ndarray]:
         a, b = self.names
-        dims = self.init_kwargs["dims"]
-        xa = as_float_array(xa, name=f"xa{suffix} ({a})", n_cols=dims[a])
-        xb = as_float_array(xb, name=f"xb{suffix} ({b})", n_cols=dims[b])
+        xa = as_float_array(xa, name=f"xa{suffix} ({a})", n_cols=self.n_inputs(a))
+        xb = as_float_array(xb, name=f"xb{suffix} ({b})", n_cols=self.n_inputs(b))
         if len(xa) != len(xb):
             raise BadInputError(
                 f"xa{suffix} and xb{suffix} must be paired row by row; got {len(xa)} and {len(xb)} rows"
@@ -330,8 +358,9 @@ class Aligner(BaseModel):
         Parameters
         ----------
         xa, xb
-            Features of the first and second modality (order of ``dims``);
-            row i of ``xa`` and row i of ``xb`` are the same cell.
+            Features of the first and second modality (order of ``dims``), each followed by the cell's
+            log depth in that modality with ``depth=True`` (not for an image); row i of ``xa`` and row i
+            of ``xb`` are the same cell.
         xa_val, xb_val
             Held-out pairs; ``val_top1`` is the top-1 retrieval accuracy a -> b
             among them (chance = 1 / number of pairs), ``val_loss`` their
@@ -390,11 +419,19 @@ class Aligner(BaseModel):
         )
 
     def embed(self, name: str, x: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
-        """L2-normalised shared embedding of modality ``name``, cells x ``n_shared``."""
+        """L2-normalised shared embedding of modality ``name``, cells x ``n_shared``.
+
+        An aligner fitted with ``depth=True`` also takes the rows without their depth column: they are
+        embedded at the training cells' mean depth (depth-neutral, what a cell's state is built from).
+        """
         self._require_fitted("embed")
         if name not in self.init_kwargs["dims"]:
             raise KeyError(f"unknown modality {name!r}; this aligner knows {self.names}")
-        x = as_float_array(x, name=f"x ({name})", n_cols=self.init_kwargs["dims"][name])
+        n = self.n_inputs(name)
+        if n != self.init_kwargs["dims"][name] and getattr(x, "ndim", 0) == 2 and x.shape[1] == n - 1:
+            mean_depth = float(getattr(self.module, f"shift_{name}")[-1])
+            x = np.hstack([as_float_array(x, name=f"x ({name})"), np.full((len(x), 1), mean_depth, np.float32)])
+        x = as_float_array(x, name=f"x ({name})", n_cols=n)
         self.module.eval()
         return apply_in_batches(
             lambda t: self.module.embed(name, t), x, device=self.device, batch_size=batch_size
