@@ -757,5 +757,25 @@ def test_multiome_config_aligns_rna_with_atac_and_predicts_each_peak_from_rna(tm
     paired = ad.read_h5ad(results / "align" / "shared.h5ad")
     assert paired.uns["partner"] == "atac" and paired.obsm["X_input_atac"].shape[1] == 20  # the peaks' LSI
     assert "multiome" in (results / "report" / "model.json").read_text()
+    # The virtual cell speaks peaks: test cells' RNA in, each peak's predicted accessibility out, ranking the
+    # cells whose peak is open above those where it is closed.
+    import mudata as md
+
+    from virtualcell.crossmodal import auroc_per_feature
+
+    mlflow.set_tracking_uri(tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/results/mlflow.db"))
+    cell = mlflow.pyfunc.load_model("models:/virtualcell-multiome/latest").unwrap_python_model().cell
+    mdata = md.read_h5mu(results / "pairs" / "paired.h5mu")
+    test = paired.obs_names[paired.obs["split"] == "test"]
+    counts = mdata.mod["rna"][test].layers["counts"]
+    answer = cell.predict(counts.toarray() if hasattr(counts, "toarray") else counts,
+                          list(mdata.mod["rna"].var_names), horizon=0.0)
+    peaks = mdata.mod["atac"]
+    assert answer.partner_kind == "atac" and answer.partner_features == list(peaks.var_names)
+    frame = answer.frame()
+    assert sum(c.startswith("atac:") for c in frame.columns) == peaks.n_vars
+    measured = peaks[test].layers["counts"]
+    open_ = np.asarray((measured.toarray() if hasattr(measured, "toarray") else measured) > 0)
+    assert np.nanmean(auroc_per_feature(answer.partner, open_)) > 0.6
     assert job_rules(tmp_path, "virtualcell-multiome") == [
         "align", "decode", "embed", "evaluate", "ingest", "pair", "qc", "report", "simulate", "simulate", "workflow"]

@@ -56,6 +56,8 @@ FORMAT_VERSION = 2  # 2: the partner from RNA by align's learned predictor (1: a
 STATE_PREFIX = "z"
 FATE_PREFIX = "p_"
 PARTNER_PREFIX = "prot:"  # the input cells' protein, predicted from their RNA
+PEAK_PREFIX = "atac:"  # (multiome) the input cells' peaks, their accessibility predicted from their RNA
+PREFIXES = {io.PROT: PARTNER_PREFIX, io.ATAC: PEAK_PREFIX}
 
 
 @dataclasses.dataclass
@@ -65,7 +67,9 @@ class Prediction:
     ``expression`` (cells x ``genes``): simulated log-normalised expression at ``t_end``;
     ``observed``: the input cells' own log-normalised expression of the same genes;
     ``partner`` (cells x ``partner_features``, aligned with protein): the cells' protein (CLR) at
-    ``t_start``, predicted from their RNA alone;
+    ``t_start``, predicted from their RNA alone; aligned with ATAC (``partner_kind`` ``"atac"``), each
+    peak's predicted accessibility (the LSI predicted from RNA taken back to the peaks through the LSI
+    loadings: a TF-IDF-scale score, higher = more likely open, to rank cells by within a peak);
     ``start`` / ``end``: states at ``t_start`` and ``t_end``; ``fates`` (cells x
     ``fate_names``): probabilities of each fate at the last observed time; ``n_missing``
     genes zero-filled and ``n_ignored`` input genes not used.
@@ -85,17 +89,20 @@ class Prediction:
     partner_features: list[str] = dataclasses.field(default_factory=list)
     partner: np.ndarray | None = None
     condition: str | None = None
+    partner_kind: str = io.PROT
 
     def frame(self, index: Any = None) -> pd.DataFrame:
         """One table: the genes' simulated expression, then ``z0..`` (end state), then ``p_<fate>``, then
-        (aligned with protein) ``prot:<protein>``, the cells' protein now, predicted from their RNA."""
+        (aligned with protein) ``prot:<protein>``, the cells' protein now, predicted from their RNA, or (aligned
+        with ATAC) ``atac:<peak>``, each peak's predicted accessibility."""
         blocks = [
             pd.DataFrame(self.expression, columns=self.genes, index=index),
             pd.DataFrame(self.end, columns=state_columns(self.end.shape[1]), index=index),
             pd.DataFrame(self.fates, columns=[FATE_PREFIX + f for f in self.fate_names], index=index),
         ]
         if self.partner is not None:
-            blocks.append(pd.DataFrame(self.partner, columns=[PARTNER_PREFIX + f for f in self.partner_features],
+            prefix = PREFIXES[self.partner_kind]
+            blocks.append(pd.DataFrame(self.partner, columns=[prefix + f for f in self.partner_features],
                                        index=index))
         return pd.concat(blocks, axis=1)
 
@@ -129,6 +136,7 @@ class VirtualCell:
         self.times = np.asarray(self.meta["times"], dtype=float)
         self.fate_names: list[str] = list(self.meta["fate_names"])
         self.partner_features: list[str] = list(self.meta.get("partner_features", []))
+        self.partner_kind: str = self.meta.get("partner", io.PROT)  # bundles before peaks: protein or none
         self._ref = {"genes": np.asarray(self.output_genes), "mean": self._arrays["pca_mean"],
                      "components": self._arrays["pca_components"], "scale": self._arrays["pca_scale"],
                      "target_sum": self.meta["target_sum"]}
@@ -231,6 +239,9 @@ class VirtualCell:
         za = self.aligner.embed("rna", latent)
         zb = self.predictor.predict_embedding(latent, za)
         partner = self.predictor.decode(zb) if self.partner_features else None
+        if partner is not None and self.partner_kind == io.ATAC:
+            # the predicted LSI back to every peak, as evaluate scores it (crossmodal.peak_scores)
+            partner = partner.astype(np.float64) @ self._arrays["partner_loadings"].astype(np.float64).T
         return _unit(za.astype(np.float64) + zb).astype(np.float32), partner
 
     # -- prediction ----------------------------------------------------------------------------------
@@ -380,7 +391,8 @@ class VirtualCell:
         return Prediction(genes=self.output_genes, expression=expression,
                           observed=observed, start=start, end=end, fate_names=self.fate_names, fates=fates,
                           t_start=t_start, t_end=t_start + horizon, n_missing=n_missing, n_ignored=n_ignored,
-                          partner_features=self.partner_features, partner=partner, condition=condition or None)
+                          partner_features=self.partner_features, partner=partner, condition=condition or None,
+                          partner_kind=self.partner_kind)
 
 
 def write_bundle(directory: str | Path, *, shared: Any, simulator: str, encoder: str | None, aligner: str | None,
@@ -421,14 +433,19 @@ def write_bundle(directory: str | Path, *, shared: Any, simulator: str, encoder:
             "genes": genes, "hvg": hvg, "times": times.tolist(), "fate_names": fate_names,
             "state_dim": int(x.shape[1]), "n_steps": int(n_steps), "n_rollouts": int(n_rollouts), "seed": int(seed),
             "fate_neighbours": int(fate_neighbours)}
-    if state_name == "shared" and shared.uns.get(stages.PARTNER) == io.PROT:
+    partner = shared.uns.get(stages.PARTNER)
+    if state_name == "shared" and partner in PREFIXES:
+        meta["partner"] = str(partner)
         meta["partner_features"] = [str(f) for f in np.asarray(shared.uns.get(stages.PARTNER_NAMES, []))]
-        clash = {PARTNER_PREFIX + f for f in meta["partner_features"]} & set(hvg)
+        clash = {PREFIXES[partner] + f for f in meta["partner_features"]} & set(hvg)
         if clash:
-            raise InputError(f"gene names {sorted(clash)[:3]} clash with the virtual cell's protein columns; rename them")
+            raise InputError(f"gene names {sorted(clash)[:3]} clash with the virtual cell's "
+                             f"{'protein' if partner == io.PROT else 'peak'} columns; rename them")
     (directory / META).write_text(json.dumps(meta, indent=1))
     arrays = {"pca_mean": ref["mean"], "pca_components": ref["components"], "pca_scale": ref["scale"],
               "fate_states": x[last].astype(np.float32), "fate_labels": np.asarray(labels, dtype=str)}
+    if meta.get("partner") == io.ATAC:
+        arrays["partner_loadings"] = np.asarray(shared.uns[stages.PARTNER_LOADINGS], dtype=np.float32)
     np.savez(directory / ARRAYS, **arrays)
     files = {SIMULATOR: simulator, ENCODER: encoder if state_name != reference.SPACE else None,
              ALIGNER: aligner if state_name == "shared" else None,
@@ -503,8 +520,8 @@ def predict_h5ad(cell: VirtualCell, path: str | Path, output: str | Path, *, hor
     out.obsm["X_state"], out.obsm["X_state_simulated"] = answer.start, answer.end
     out.obsm["fate_probabilities"] = pd.DataFrame(answer.fates, index=out.obs_names, columns=answer.fate_names)
     if answer.partner is not None:
-        out.obsm["X_predicted_prot"] = pd.DataFrame(answer.partner, index=out.obs_names,
-                                                    columns=answer.partner_features)
+        out.obsm[f"X_predicted_{answer.partner_kind}"] = pd.DataFrame(answer.partner, index=out.obs_names,
+                                                                      columns=answer.partner_features)
     out.obs["predicted_fate"] = pd.Categorical(np.asarray(answer.fate_names)[answer.fates.argmax(axis=1)],
                                                categories=answer.fate_names)
     out.uns["virtualcell"] = {"model": model, "space": cell.space, "horizon": float(horizon),

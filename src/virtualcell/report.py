@@ -67,8 +67,10 @@ def register(*, simulator: str, shared: str, expression: str, metrics: str, outp
             f"horizon and t_start (times {cell.times.tolist()}); out: "
             f"simulated log-normalised expression of {len(cell.output_genes)} genes, the state z0..z"
             f"{cell.meta['state_dim'] - 1} ({cell.space} space) and p_{{fate}} for fates {cell.fate_names}"
-            + (f"; and the cells' {len(cell.partner_features)} proteins now, predicted from their RNA alone "
-               f"({cellmodel.PARTNER_PREFIX}{{protein}})." if cell.partner_features else ".")
+            + (f"; and the cells' {len(cell.partner_features)} "
+               f"{'proteins' if cell.partner_kind == 'prot' else 'peaks (accessibility scores)'} now, predicted from "
+               f"their RNA alone ({cellmodel.PREFIXES[cell.partner_kind]}{{"
+               f"{'protein' if cell.partner_kind == 'prot' else 'peak'}}})." if cell.partner_features else ".")
             + (f" Param condition asks what if: the cells under a knock-down of any of its "
                f"{len(cell.perturbation.genes)} genes (GeneX), a trained drug ({', '.join(cell.perturbation.drugs)}) "
                "or a combination (GeneA+GeneB)." if cell.perturbation is not None else ""))
