@@ -95,6 +95,15 @@ def test_outputs_and_metrics(workflow_run):
     retrieval = metrics["alignment"]["rna-prot"]
     assert set(retrieval) == {"foscttm", "top1", "top5", "match_prob"}
     assert retrieval["foscttm"]["model"] < retrieval["foscttm"]["random"]
+    # beside it, the best any method could do (the generator's truth), knowing the RNA depth and not
+    assert set(retrieval["foscttm"]) == {"model", "cca", "random", "oracle", "oracle_state"}
+    assert retrieval["foscttm"]["oracle"] <= min(retrieval["foscttm"]["model"], retrieval["foscttm"]["oracle_state"])
+    shared = ad.read_h5ad(results / "align" / "shared.h5ad")
+    # cells are matched with their depths; their states (what the simulator moves) are depth-neutral
+    assert {"X_match_rna", "X_match_prot"} <= set(shared.obsm) and "log_depth_prot" in shared.obs
+    depth = shared.obs["log_depth_rna"].to_numpy()
+    assert max(abs(np.corrcoef(shared.obsm["X_shared"][:, k], depth)[0, 1]) for k in range(shared.obsm["X_shared"].shape[1])) \
+        < max(abs(np.corrcoef(shared.obsm["X_match_rna"][:, k], depth)[0, 1]) for k in range(shared.obsm["X_match_rna"].shape[1]))
     # protein from RNA alone, beside its baselines on the same held-out cells; the energy of true pairs
     # is below that of shuffled ones; compression compares the joint embeddings with RNA alone
     protein = metrics["prediction"]["protein_from_rna"]
@@ -105,7 +114,6 @@ def test_outputs_and_metrics(workflow_run):
     rna = metrics["prediction"]["rna_from_protein"]
     assert set(rna["pearson_per_gene"]) == {"model", "bleep", "cca", "knn", "ridge", "random"}
     assert rna["pearson_per_gene"]["model"] > rna["pearson_per_gene"]["random"] + 0.1
-    shared = ad.read_h5ad(results / "align" / "shared.h5ad")
     assert shared.obsm["X_predicted_rna"].shape == shared.shape and shared.n_vars > 50
     assert metrics["energy"]["paired"] < metrics["energy"]["shuffled"]
     assert set(metrics["compression"]) == {"knn_fate", "r2_latent"}

@@ -296,6 +296,16 @@ def score(data: ad.AnnData, *, partner: str, train: np.ndarray, test: np.ndarray
     cca = ev.cca_embedding(ca[train], cb[train], ca[test], cb[test], n_components=za.shape[1])
     pairs = {"model": (za[test], zb[test]), "cca": cca, "random": ev.random_embedding(za[test], seed=seed)}
     sections: dict[str, Any] = {"alignment": {f"rna-{partner}": ev.compare_retrieval(pairs)}}
+    from virtualcell import retrieval_oracle
+    from virtualcell.representation import generator_params
+
+    params = generator_params(data)
+    if partner == PROT and params is not None and 5 < test.sum() <= retrieval_oracle.MAX_CELLS:
+        # Built-in data: the best any method could match these cells (the generator's truth; see the module)
+        truth = retrieval_oracle.protein_truth(params, data.obs_names[test])
+        for oracle, values in retrieval_oracle.oracle_scores(truth).items():
+            for metric, value in values.items():
+                sections["alignment"][f"rna-{partner}"][metric][oracle] = value
     drawn: dict[str, Any] = {"pairs": pairs}
     predictions: dict[str, dict[str, np.ndarray]] = {}
     if predicted_key(partner) in data.obsm:

@@ -96,7 +96,7 @@ def verdicts(metrics: Mapping[str, Any]) -> list[str]:
     for pair_name, section in metrics.get("alignment", {}).items():
         if "foscttm" in section:
             out.append(_versus(f"Cross-modal matching {pair_name} (FOSCTTM)", section["foscttm"], baseline="cca",
-                               lower_better=True, unit="FOSCTTM"))
+                               lower_better=True, unit="FOSCTTM", floor="oracle"))
     for what, section in metrics.get("prediction", {}).items():
         # A direction's headline metric comes first: pearson_per_protein / _gene, or auroc_per_peak.
         metric = next(iter(section), "")

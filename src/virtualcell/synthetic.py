@@ -788,7 +788,11 @@ def generate(
         same path noise; the cell's own for control cells).
     ``mdata["prot"]``
         Same cells in the same order. ``X``: raw counts (CSR, float32). ``var``:
-        ``gene`` (the tied gene), ``truth_scale``, ``truth_ambient``.
+        ``gene`` (the tied gene), ``truth_scale``, ``truth_ambient``. The parts of each cell's NB
+        mean ``truth_signal + truth_capture * truth_ambient``: ``obsm["truth_signal"]`` (``k_j *
+        rate_cg``, which carries the cell's RNA library) and ``obs["truth_capture"]`` (``a_c``),
+        with ``obs["truth_library"]``, the cell's RNA library size (what the retrieval oracles of
+        :mod:`virtualcell.retrieval_oracle` read).
     ``mdata["atac"]`` (``n_peaks > 0``)
         Same cells in the same order. ``X``: peak counts in {0, 1, 2} (CSR, float32), peaks named
         ``chr<k>:<start>-<end>``. ``var``: ``gene`` (a gene-linked peak's gene), ``truth_kind``;
@@ -831,6 +835,8 @@ def generate(
     prot_counts = _negative_binomial(
         scale * target_rates + np.outer(droplet, ambient), PROTEIN_DISPERSION, rng=rng_prot
     )
+    # The protein's truth (the parts of its NB mean, and the RNA library its signal carries)
+    prot_signal, prot_capture, library = scale * target_rates, droplet, rates.sum(axis=1)
 
     obs = {
         TIME_KEY: tp[snaps.time_index],
@@ -856,6 +862,8 @@ def generate(
                                     rng=rng_cond_prot)
         rna_counts = sp.vstack([rna_counts, p_counts], format="csr")
         prot_counts = np.vstack([prot_counts, p_prot])
+        prot_signal = np.vstack([prot_signal, scale * p_rates[:, targets]])
+        prot_capture, library = np.concatenate([prot_capture, p_droplet]), np.concatenate([library, p_rates.sum(axis=1)])
         p_obs = {TIME_KEY: tp[cells.time_index], FATE_KEY: basin_of(cells.final), BASIN_KEY: basin_of(cells.latent),
                  LOW_QUALITY_KEY: p_low, BATCH_KEY: np.asarray(BATCHES)[p_b1.astype(int)]}
         obs = {k: np.concatenate([v, p_obs[k]]) for k, v in obs.items()}
@@ -886,11 +894,12 @@ def generate(
     )
     prot = ad.AnnData(
         X=sp.csr_matrix(prot_counts.astype(np.float32)),
-        obs=pd.DataFrame(index=cell_names.copy()),
+        obs=pd.DataFrame({"truth_capture": prot_capture, "truth_library": library}, index=cell_names.copy()),
         var=pd.DataFrame(
             {GENE_KEY: genes.names[targets], "truth_scale": scale, "truth_ambient": ambient},
             index=pd.Index([f"CD_{g}" for g in genes.names[targets]]),
         ),
+        obsm={"truth_signal": prot_signal.astype(np.float32)},
     )
 
     tissue = _simulate_tissue(genes, n_spots=n_spots, time_points=tp, rng=rng_tissue)
