@@ -37,3 +37,21 @@ def _one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+STANDALONE = "standalone"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{STANDALONE}: a test whose run shares nothing; any test worker may take it")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """The suite runs on two pytest-xdist workers (pyproject's addopts, ``--dist loadgroup``): a file's
+    tests stay together on one worker, so its module fixtures (a workflow run, a SLURM cluster, an
+    MLflow server) are made once; tests marked standalone (each end-to-end run in a folder of its
+    own) go one at a time to whichever worker is free."""
+    for item in items:
+        if item.get_closest_marker(STANDALONE) is None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -235,6 +235,8 @@ def align(*, input: str, embeddings: str, output: str, model: str, figure: str,
     if partner == IMAGE:
         image_shapes = {IMAGE: [int(v) for v in paired.mod[IMAGE].uns[PATCH_SHAPE]]}
     depths = _log_depths(paired, partner, emb.obs_names, has) if params.get("depth", True) else None
+    # align.depth asks; whether it applied (not for an image partner, nor for RNA values that are not counts)
+    run.set_tags({"align.depth_used": str(depths is not None).lower()})
     aligner = Aligner(
         {"rna": xa.shape[1], partner: xb.shape[1]},
         n_shared=params["n_shared"], n_hidden=params["n_hidden"], dropout=params["dropout"],
