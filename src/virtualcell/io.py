@@ -32,6 +32,10 @@ from virtualcell.plan import ATAC, PROT, RNA, SPATIAL  # noqa: E402 (the modalit
 
 MODALITIES = (RNA, PROT, ATAC, SPATIAL)
 COUNTS_LAYER = "counts"
+# Where QC puts the peaks' LSI (atac obsm) and its loadings (atac varm): here, not in qc, so that the
+# stages that read them need not import scanpy.
+LSI_KEY = "X_lsi"
+LSI_LOADINGS = "LSI"
 # How the expression modality's values were measured (config datasets.<name>.values), kept in its
 # uns["values"]: raw counts (the default), normalised values (TPM, FPKM, CPM: log1p is taken) or
 # log-scale values (log-normalised matrices, qPCR: taken as they are). Non-count values are kept

@@ -36,7 +36,7 @@ import scipy.sparse as sp
 from scipy.stats import median_abs_deviation
 
 from virtualcell.errors import InputError
-from virtualcell.io import ATAC, COUNTS_LAYER, PROT, RNA, SPATIAL, expression_modality, raw_layer, values_of
+from virtualcell.io import ATAC, COUNTS_LAYER, LSI_KEY, LSI_LOADINGS, PROT, RNA, SPATIAL, expression_modality, raw_layer, values_of
 from virtualcell.readers import LIBRARY_KEY, SCALEFACTOR_OF_IMAGE
 
 MT_PREFIXES = ("MT-", "mt-")
@@ -50,8 +50,6 @@ PREDICTED_DOUBLET = "predicted_doublet"
 DOUBLETS_KEY = "doublets"
 ISOTYPE_COUNTS = "isotype_counts"
 N_FEATURES = "n_features_by_counts"
-LSI_KEY = "X_lsi"
-LSI_LOADINGS = "LSI"
 # TF-IDF's term frequencies are scaled to this many counts per cell before log1p (muon's and
 # Signac's default)
 TFIDF_SCALE = 1e4

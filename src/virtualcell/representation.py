@@ -20,10 +20,9 @@ import scipy.sparse as sp
 
 from virtualcell import figures, io, reference, synthetic
 from virtualcell.errors import InputError
-from virtualcell.io import ATAC, COUNTS_LAYER, PROT
+from virtualcell.io import ATAC, COUNTS_LAYER, LSI_KEY, LSI_LOADINGS, PROT
 from virtualcell.pairing import (IMAGE, PATCH_SHAPE, SPATIAL_CONNECTIVITIES, SPATIAL_DISTANCES, SPATIAL_NEIGHBORS,
                                  cell_partner, has_partner)
-from virtualcell.qc import LSI_KEY, LSI_LOADINGS
 from virtualcell.stages import (CARRIED_OBS, EMBED_JOINT, EMBED_RNA, N_RNA_PCS, PARTNER, PARTNER_LOADINGS,
                                 PARTNER_NAMES, PCA5, RNA_PCA, SHARED, SHARED_RNA, _counts, _dense, _fit, _network,
                                 checkpoint_file, depth_key, input_key, match_key, measured_key, remove_checkpoints,
