@@ -161,7 +161,9 @@ def test_a_simulator_in_pca5_speaks_genes_through_the_inverse_projection(tmp_pat
     takes counts to pca5 and back to genes through the projection itself."""
     import mudata as md
 
+    # no perturbed cells (nor perturb jobs): this test is about the simulator's space
     override = write_override(tmp_path, "datasets:\n  synthetic:\n    modalities: [rna]\n"
+                                   "    generator:\n      cells_per_condition: 0\n"
                                    "simulate:\n  space: pca\nevaluate:\n  seeds: 1\n"
                                    "mlflow:\n  experiment: pca-space\n")
     snakemake(tmp_path, extra_configs=[override])
