@@ -36,7 +36,8 @@ import scipy.sparse as sp
 from scipy.stats import median_abs_deviation
 
 from virtualcell.errors import InputError
-from virtualcell.io import ATAC, COUNTS_LAYER, LSI_KEY, LSI_LOADINGS, PROT, RNA, SPATIAL, expression_modality, raw_layer, values_of
+from virtualcell.io import (ATAC, COUNTS_LAYER, LSI_KEY, LSI_LOADINGS, PROT, RNA, SPATIAL, expression_modality,
+                             raw_layer, values_of)
 from virtualcell.readers import LIBRARY_KEY, SCALEFACTOR_OF_IMAGE
 
 MT_PREFIXES = ("MT-", "mt-")
