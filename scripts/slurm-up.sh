@@ -12,7 +12,7 @@
 #
 # The node has the machine's cores and 90% of its memory, and a fake GPU per core (gres gpu,
 # backed by /dev/null) so that --gpus/--gres requests schedule. No accounting daemon: completed
-# jobs stay visible to squeue/scontrol for MinJobAge (600 s) and are written to jobcomp.log.
+# jobs stay visible to squeue/scontrol for MinJobAge (2 h) and are written to jobcomp.log.
 # Memory limits are enforced by polling (jobacct_gather OverMemoryKill), not cgroups, so it
 # also works inside containers.
 set -euo pipefail
@@ -91,11 +91,13 @@ JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=task=1
 JobAcctGatherParams=OverMemoryKill
 # No slurmdbd: the executor plugin must poll with squeue, which sees finished jobs for MinJobAge
-# seconds (well above its polling interval); jobcomp.log keeps a line per finished job.
+# seconds (well above its polling interval); jobcomp.log keeps a line per finished job, but without
+# the job's comment or GPU request, so the tests read those from scontrol after a whole workflow
+# has run: 2 h, not 10 min (a slow CI machine took 763 s and lost the first jobs' records).
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=${STATE}/jobcomp.log
-MinJobAge=600
+MinJobAge=7200
 # Cores and memory are consumable, so jobs share the node; a job without a memory request
 # gets DefMemPerCPU instead of the whole node.
 SelectType=select/cons_tres

@@ -46,7 +46,7 @@ def server_run(tmp_path_factory):
     workdir.mkdir()
     with mlflow_server(root / "server") as uri:
         done = subprocess.run(
-            ["timeout", "-s", "INT", "-k", "30", "900", sys.executable, "-m", "snakemake",
+            ["timeout", "-s", "INT", "-k", "30", "1800", sys.executable, "-m", "snakemake",
              "-s", str(REPO / "Snakefile"), "--cores", "2",
              "--configfile", str(REPO / "config" / "config.yaml"), str(REPO / "config" / "test.yaml")],
             cwd=workdir, env=clean_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,

@@ -213,7 +213,7 @@ def _snakemake(workdir: Path, config: dict, *args: str, cores: int = 2, **popen)
 
 
 def _finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=900)
+    out, _ = proc.communicate(timeout=1800)
     assert proc.returncode == 0, out[-6000:]
     return out
 

@@ -59,7 +59,7 @@ rule half:
 
 
 def snakemake(workdir: Path, cluster: dict, *args: str, snakefile: Path = REPO / "Snakefile",
-              env: dict | None = None, timeout_s: int = 900) -> subprocess.CompletedProcess:
+              env: dict | None = None, timeout_s: int = 1800) -> subprocess.CompletedProcess:
     """snakemake --workflow-profile profiles/slurm ..., stopped by SIGINT (so it cancels its jobs) on timeout."""
     cmd = ["timeout", "-s", "INT", "-k", "30", str(timeout_s), *snakemake_cmd(snakefile, *args)]
     return subprocess.run(cmd, cwd=workdir, env=clean_env(**cluster["env"], **(env or {})),
@@ -81,7 +81,7 @@ def slurm(cluster: dict, *args: str) -> str:
 
 
 def slurm_job(cluster: dict, job_id: str) -> dict[str, str]:
-    """SLURM's record of a job (kept MinJobAge = 600 s after it ends)."""
+    """SLURM's record of a job (kept MinJobAge = 2 h after it ends, scripts/slurm-up.sh)."""
     return dict(re.findall(r"(\w+)=(\S*)", slurm(cluster, "scontrol", "show", "job", "-o", job_id)))
 
 

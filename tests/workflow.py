@@ -23,7 +23,7 @@ def snakemake(workdir: Path, *args: str, extra_configs=(), check=True) -> subpro
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUALCELL_"))}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", *args,
            "--configfile", *configs]
-    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=1800)
     if check and done.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return done
@@ -63,7 +63,7 @@ def run_config(workdir: Path, config: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUALCELL_"))}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2",
            "--replace-workflow-config", "--configfile", str(config)]
-    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
