@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import ot
-from sklearn.cross_decomposition import CCA
+
+# POT (which imports torch and scikit-learn: ~4 s on a 2-core machine) and scikit-learn's CCA are
+# imported where they are used: every stage imports this module through `timecourse`, and the
+# ingest, qc and pair jobs use neither.
 
 
 def _subsample(x: np.ndarray, n: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -23,6 +25,7 @@ def _subsample(x: np.ndarray, n: int | None, rng: np.random.Generator) -> np.nda
 def wasserstein(x: np.ndarray, y: np.ndarray, *, p: int = 1, max_points: int | None = 2000,
                 seed: int = 0) -> float:
     """Exact W_p between two empirical distributions with uniform weights (Euclidean ground cost)."""
+    import ot
     rng = np.random.default_rng(seed)
     x, y = _subsample(np.asarray(x, float), max_points, rng), _subsample(np.asarray(y, float), max_points, rng)
     cost = ot.dist(x, y, metric="euclidean") ** p
@@ -33,6 +36,7 @@ def wasserstein(x: np.ndarray, y: np.ndarray, *, p: int = 1, max_points: int | N
 def mmd_rbf(x: np.ndarray, y: np.ndarray, *, gammas: tuple[float, ...] | None = None,
             max_points: int | None = 2000, seed: int = 0) -> float:
     """Biased MMD^2 with a sum of RBF kernels; bandwidths default to the median heuristic x (0.5, 1, 2)."""
+    import ot
     rng = np.random.default_rng(seed)
     x, y = _subsample(np.asarray(x, float), max_points, rng), _subsample(np.asarray(y, float), max_points, rng)
     dxx, dyy, dxy = (ot.dist(a, b, metric="sqeuclidean") for a, b in ((x, x), (y, y), (x, y)))
@@ -51,6 +55,7 @@ def energy_distance(x: np.ndarray, y: np.ndarray, *, max_points: int | None = 20
     Zero only for equal distributions. (With *squared* distances, the variant some perturbation
     benchmarks use, it reduces to twice the squared distance of the means.)
     """
+    import ot
     rng = np.random.default_rng(seed)
     x, y = _subsample(np.asarray(x, float), max_points, rng), _subsample(np.asarray(y, float), max_points, rng)
     dxy, dxx, dyy = (ot.dist(a, b, metric="euclidean").mean() for a, b in ((x, y), (x, x), (y, y)))
@@ -81,6 +86,7 @@ def ot_interpolate(x0: np.ndarray, x1: np.ndarray, alpha: float, *, n: int | Non
     The plan is solved between at most ``max_points`` cells of each side (an exact plan between two
     time points of 16,000 cells would hold 2 GB and take the network simplex minutes).
     """
+    import ot
     rng = np.random.default_rng(seed)
     x0, x1 = _subsample(x0, max_points, rng), _subsample(x1, max_points, rng)
     plan = ot.emd(ot.unif(len(x0)), ot.unif(len(x1)), ot.dist(x0, x1), numItermax=10_000_000)
@@ -140,6 +146,7 @@ def retrieval_metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     - ``match_prob``: mean softmax probability the partner gets among all candidates
       (cosine similarity, temperature 0.1).
     """
+    import ot
     a = np.asarray(a, float)
     b = np.asarray(b, float)
     n = len(a)
@@ -175,6 +182,7 @@ def retrieval_metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 def cca_embedding(a_train: np.ndarray, b_train: np.ndarray, a_test: np.ndarray, b_test: np.ndarray, *,
                   n_components: int) -> tuple[np.ndarray, np.ndarray]:
     """Linear baseline for alignment: CCA fitted on training pairs, applied to test cells."""
+    from sklearn.cross_decomposition import CCA
     n_components = max(1, min(n_components, a_train.shape[1], b_train.shape[1], len(a_train) - 1))
     cca = CCA(n_components=n_components, max_iter=1000)
     cca.fit(a_train, b_train)
