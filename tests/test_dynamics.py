@@ -318,6 +318,37 @@ def test_marginal_fit_refuses_the_probability_flow_ode_it_never_trained(marginal
         Simulator.load(path).simulate(cells_at(1.0), t0=1.0, t1=2.0, ode=True)
 
 
+def test_marginal_fit_with_kinetic_energy_takes_shorter_paths_to_the_same_marginals(marginal_sde):
+    """Marginal matching alone leaves the paths free; the kinetic weight picks short ones (less drift
+    energy along the way) while the held-out marginal is still predicted."""
+    lazy = fit(stochastic=True, autonomous=True, objective="marginal", epochs=40, steps_per_epoch=5, batch_size=128,
+               kinetic=0.01)
+    assert {"distance", "kinetic"} <= set(lazy.history[-1])
+    mean, std = ou_marginal(HELD_OUT)
+    pred = lazy.simulate(cells_at(HELD_OUT - 1), t0=HELD_OUT - 1, t1=HELD_OUT, n_steps=50, seed=0)
+    np.testing.assert_allclose(pred.mean(0), mean, atol=0.25)
+    np.testing.assert_allclose(pred.std(0), std, rtol=0.25)
+    x, t = ou_snapshots()
+
+    def energy(sim):
+        return float(np.mean([np.mean(sim.velocity(x[t == v], v) ** 2) for v in np.unique(t)]))
+
+    assert energy(lazy) < 0.9 * energy(marginal_sde)
+
+
+def test_hybrid_fit_predicts_the_held_out_marginal_and_keeps_its_probability_flow():
+    """SF2M's bridge loss and marginal matching on one SDE: it predicts across the gap, reports both
+    parts, and (its score trained, unlike marginal matching alone) also runs as its probability-flow ODE."""
+    both = fit(stochastic=True, objective="hybrid", epochs=40, steps_per_epoch=5, batch_size=128)
+    assert {"flow", "score", "marginal"} <= set(both.history[-1])
+    assert both.history[-1]["marginal"] < both.history[0]["marginal"]
+    mean, std = ou_marginal(HELD_OUT)
+    for ode in (False, True):
+        pred = both.simulate(cells_at(HELD_OUT - 1), t0=HELD_OUT - 1, t1=HELD_OUT, n_steps=50, seed=0, ode=ode)
+        np.testing.assert_allclose(pred.mean(0), mean, atol=0.3)
+        np.testing.assert_allclose(pred.std(0), std, rtol=0.25)
+
+
 def test_fit_rejects_an_unknown_objective():
     with pytest.raises(BadInputError, match="objective"):
         fit(stochastic=True, objective="bogus", epochs=1)

@@ -309,11 +309,12 @@ def _counts(x: Any) -> Any:
     return sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
 
 
-# sf2m and marginal are SDEs (drift + diffusion), fitted by score and flow matching on couplings or by
-# simulating and matching the next time point's cells; ot_cfm is an ODE.
-SIMULATE_METHODS = ("ot_cfm", "sf2m", "marginal")
+# sf2m, marginal and hybrid are SDEs (drift + diffusion), fitted by score and flow matching on couplings,
+# by simulating and matching the next time point's cells, or by both at once; ot_cfm is an ODE.
+SIMULATE_METHODS = ("ot_cfm", "sf2m", "marginal", "hybrid")
 _METHOD_NAMES = {"ot_cfm": "OT flow matching (ODE)", "sf2m": "SF2M (stochastic)",
-                 "marginal": "an SDE fitted by marginal matching (stochastic)"}
+                 "marginal": "an SDE fitted by marginal matching (stochastic)",
+                 "hybrid": "SF2M plus marginal matching (stochastic)"}
 
 
 def simulate(*, input: str, holdout: str, seed: int, output: str, figure: str, params: Mapping[str, Any],
@@ -330,7 +331,7 @@ def simulate(*, input: str, holdout: str, seed: int, output: str, figure: str, p
     t = shared.obs["time"].to_numpy(dtype=float)
     space, x = state_of(shared, params["space"])
     keep = t != held if held is not None else np.ones(len(t), bool)
-    stochastic = params["method"] in ("sf2m", "marginal")
+    stochastic = params["method"] in ("sf2m", "marginal", "hybrid")
     say(f"simulate: {_METHOD_NAMES[params['method']]} in the {space} space on "
         f"{int(keep.sum())} cells at times {sorted(set(t[keep].tolist()))} (held out: {holdout}, seed {seed})")
     sim = Simulator(x.shape[1], n_hidden=params["n_hidden"], n_layers=params["n_layers"],
@@ -339,8 +340,10 @@ def simulate(*, input: str, holdout: str, seed: int, output: str, figure: str, p
                                          "unbalanced")}
     if stochastic:
         fit_kwargs["diffusion"] = params["diffusion"]
-    if params["method"] == "marginal":
-        fit_kwargs["objective"] = "marginal"
+    if params["method"] in ("marginal", "hybrid"):
+        fit_kwargs["objective"] = params["method"]
+    if params["method"] == "hybrid":
+        fit_kwargs["marginal_weight"] = params["marginal_weight"]
     checkpoint = checkpoint_file(output, every=checkpoint_every, arrays=[x[keep], t[keep]],
                                  settings={"params": params, "holdout": holdout, "seed": seed,
                                            "network": _network(sim)})

@@ -265,7 +265,7 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def _to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
     if isinstance(batch, torch.Tensor):
         batch = (batch,)
-    return tuple(t.to(device, non_blocking=True) for t in batch)
+    return tuple(t if t is None else t.to(device, non_blocking=True) for t in batch)
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:

@@ -73,7 +73,7 @@ FULL_PLAN_MAX_CELLS = 2000
 _X_SHIFT, _X_SCALE, _T_SHIFT, _T_SCALE, _TIMES = "x_shift", "x_scale", "t_shift", "t_scale", "times"
 # Whether an SDE's score network was trained (not by the marginal objective); absent in older models: yes.
 _SCORE_FITTED = "score_fitted"
-OBJECTIVES = ("bridge", "marginal")
+OBJECTIVES = ("bridge", "marginal", "hybrid")
 # The marginal objective's Euler-Maruyama steps: every interval is integrated with steps of at most
 # the shortest interval / MARGINAL_STEPS (0.2 time units on the default data), the longest with at
 # most MARGINAL_MAX_STEPS (Dynamics.marginal_loss).
@@ -189,6 +189,7 @@ class Simulator(BaseModel):
         kinetic: float = 0.0,
         unbalanced: float | None = None,
         objective: str = "bridge",
+        marginal_weight: float = 10.0,
         steps_per_epoch: int | None = None,
         device: str = "auto",
         seed: int = 0,
@@ -255,8 +256,17 @@ class Simulator(BaseModel):
             above, or the ODE, differentiably) and minimises the energy
             distance to ``batch_size`` cells observed there
             (:meth:`Dynamics.marginal_loss`, PRESCIENT's recipe); no coupling,
-            and ``sigma``, ``kinetic`` and ``unbalanced`` are not used. Its
+            and ``sigma`` and ``unbalanced`` are not used; ``kinetic`` weighs
+            the mean squared drift along the simulated paths. Its
             score network is not trained, so ``simulate(ode=True)`` is refused.
+            ``"hybrid"``: both losses summed each step (the bridge's on
+            OT-coupled pairs, the marginal one on independent draws), so the
+            same drift is taught each cell's path by the couplings and the
+            populations across every interval by simulation.
+        marginal_weight
+            ``"hybrid"``: the weight of the marginal term (an energy distance,
+            ~0.05 when fitted) against the bridge's (flow + score, ~5 in
+            standardised units, most of it the bridge's own noise).
         lr, device, seed, on_epoch, checkpoint_path, checkpoint_every
             See :func:`virtualcell.train.fit`.
 
@@ -284,13 +294,16 @@ class Simulator(BaseModel):
             raise BadInputError(f"kinetic must be a finite number >= 0; got {kinetic}")
         if unbalanced is not None and not (math.isfinite(unbalanced) and unbalanced > 0):
             raise BadInputError(f"unbalanced must be a finite number > 0 or None; got {unbalanced}")
+        if not (math.isfinite(marginal_weight) and marginal_weight >= 0):
+            raise BadInputError(f"marginal_weight must be a finite number >= 0; got {marginal_weight}")
         if objective not in OBJECTIVES:
             raise BadInputError(f"objective must be one of {list(OBJECTIVES)}; got {objective!r}")
         marginal = objective == "marginal"
 
         self._prepare_fit(seed)
-        self.module.kinetic = 0.0 if marginal else float(kinetic)
+        self.module.kinetic = float(kinetic)
         self.module.objective = objective
+        self.module.marginal_weight = float(marginal_weight)
         if stochastic:
             self.module.diffusion.fill_(float(diffusion))
         x64 = x.astype(np.float64)
@@ -369,8 +382,12 @@ class Simulator(BaseModel):
                     noise = sigma * noise
                 yield x0, x1, t0.to(dev), t1.to(dev), s.to(dev), noise.to(dev)
 
+        def hybrid_batches(epoch: int, generator: torch.Generator):
+            for bridge, matched in zip(batches(epoch, generator), marginal_batches(epoch, generator), strict=True):
+                yield *bridge, None, *matched
+
         return self._train(
-            marginal_batches if marginal else batches,
+            marginal_batches if marginal else hybrid_batches if objective == "hybrid" else batches,
             epochs=epochs,
             lr=lr,
             device=dev,

@@ -253,6 +253,7 @@ class Dynamics(nn.Module):
         # simulate and match the next time point's cells, :meth:`marginal_loss`).
         self.kinetic = 0.0
         self.objective = "bridge"
+        self.marginal_weight = 10.0
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The drift f (the ODE velocity of a deterministic model)."""
@@ -275,6 +276,7 @@ class Dynamics(nn.Module):
         s: torch.Tensor,
         noise: torch.Tensor,
         cond: torch.Tensor | None = None,
+        *marginal_batch: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """Flow-matching (ODE) or score-and-flow-matching (SDE) loss on paired samples.
 
@@ -292,6 +294,9 @@ class Dynamics(nn.Module):
             sigma. SDE: standard-normal draws for the Brownian bridge.
         cond
             A conditioned model's condition embedding of each pair, (n, n_condition).
+        marginal_batch
+            The ``"hybrid"`` objective: a batch of :meth:`marginal_loss` (its ``x0`` to
+            ``noise``), whose energy distance is added as the ``"marginal"`` term.
 
         Returns
         -------
@@ -330,6 +335,13 @@ class Dynamics(nn.Module):
             # evaluated at the training paths' points instead of a solve.
             terms["kinetic"] = self.kinetic * torch.mean(f**2)
             total = total + terms["kinetic"]
+        if self.objective == "hybrid":
+            # The same SDE, simulated across each interval and matched to the next time point's cells:
+            # the couplings teach each cell's path (fates), the simulation the populations between
+            # and across the observed times (what interpolating the couplings misses).
+            marginal = self.marginal_loss(*marginal_batch, cond)
+            terms["marginal"] = marginal.get("distance", marginal[train.LOSS_KEY])
+            total = total + self.marginal_weight * terms["marginal"]
         return {train.LOSS_KEY: total, **terms}
 
     def marginal_loss(
@@ -392,14 +404,24 @@ class Dynamics(nn.Module):
         moving = [int((steps > k).sum()) for k in range(n_max)]
         g = self.diffusion if self.score is not None else 0.0
         y = x0
+        energy, evaluations = x0.new_zeros(()), 0
         for k, m in enumerate(moving):
             c = cond[:m] if per_row else cond
-            step = h[:m] * self.drift(y[:m], t0[:m] + k * h[:m].reshape(-1), c).float() \
-                + g * torch.sqrt(h[:m]) * noise[k, :m]
+            f = self.drift(y[:m], t0[:m] + k * h[:m].reshape(-1), c).float()
+            if self.kinetic > 0:
+                energy, evaluations = energy + (f**2).sum(), evaluations + f.numel()
+            step = h[:m] * f + g * torch.sqrt(h[:m]) * noise[k, :m]
             y = y[:m] + step if m == len(y) else torch.cat([y[:m] + step, y[m:]])
         y = torch.empty_like(y).index_copy_(0, order, y)  # back to the rows' order
         total = grouped_energy_distance(y, x1, group)
-        return {train.LOSS_KEY: total}
+        if self.kinetic <= 0:
+            return {train.LOSS_KEY: total}
+        # Marginal matching leaves open *which* cells go where: any drift that carries one
+        # population onto the next fits. The kinetic energy along the simulated paths (every
+        # step's drift, so each interval weighs by its length) picks the least-action one, as
+        # TrajectoryNet and MIOFlow regularise their marginal fits.
+        kinetic = self.kinetic * energy / evaluations
+        return {train.LOSS_KEY: total + kinetic, "distance": total, "kinetic": kinetic}
 
 
 def grouped_energy_distance(x: torch.Tensor, y: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
