@@ -1,9 +1,9 @@
 """The simulator's variants side by side in the whole workflow: held-out W1, extrapolation and fates.
 
 Run by hand: ``python bench/simulator_variants.py [--workdir DIR] [--variants default marginal_pca ...]
-[--seeds 1] [--cores 2]``. The default config runs once in ``DIR`` (a temporary folder unless given;
-a kept one is reused), then each variant's ``simulate:`` override reruns the simulate, decode and
-evaluate jobs on the same ingested, QC'd and aligned cells (``--forcerun simulate``, so a variant
+[--seeds 1] [--cores 2]``. The first variant runs the whole default config with its override in
+``DIR`` (a temporary folder unless given; a kept one is reused), then each next variant's
+``simulate:`` override reruns only the simulate, decode and evaluate jobs on the same ingested, QC'd and aligned cells (``--forcerun simulate``, so a variant
 whose settings equal the last run's is trained again rather than skipped). Every variant is scored
 by the workflow's own evaluate job against the baselines and the oracle of the same run, so only
 the simulator differs. Appends one record to bench/results/simulator_variants.json and prints a
