@@ -75,7 +75,8 @@ def run_variant(workdir: Path, name: str, seeds: int, cores: int) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"variant {name} failed:\n{done.stderr[-4000:]}")
     metrics = json.loads((workdir / "results" / "synthetic" / "evaluate" / "metrics.json").read_text())
-    return {"variant": name, "simulate": VARIANTS[name], "wall_s": round(wall, 1), **headline(metrics)}
+    return {"variant": name, "simulate": VARIANTS[name], "wall_s": round(wall, 1),
+            "seeds": metrics["simulation"]["n_seeds"], **headline(metrics)}
 
 
 def main() -> None:
