@@ -1,4 +1,5 @@
 import anndata as ad
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -85,6 +86,53 @@ def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
     assert list(tmp_path.iterdir()) == []
     io.write_json({"a": 1}, target)
     assert target.read_text().strip().startswith("{")
+
+
+def test_a_write_killed_midway_leaves_a_temp_file_that_the_next_write_of_that_path_removes(tmp_path):
+    """SIGKILL (a cluster's time limit) gives the writer no chance to clean up, and Snakemake's rerun
+    removes only the declared outputs: the rerun's own write of the path clears the killed one's
+    temporary file, and nobody else's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target, other = tmp_path / "response.png", tmp_path / "other.png"
+    writer = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from virtualcell.files import atomic_write\n"
+        "def write(tmp):\n"
+        "    tmp.write_bytes(b'half a png')\n"
+        "    Path(sys.argv[2]).touch()\n"
+        "    time.sleep(60)\n"
+        "atomic_write(sys.argv[1], write)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(path), str(tmp_path / f"{path.stem}.ready")])
+             for path in (target, other)]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"{p.stem}.ready").exists() for p in (target, other)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the writers did not start"
+        time.sleep(0.05)
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    left = sorted(p.name for p in tmp_path.glob(".*.tmp*"))
+    assert len(left) == 2 and not target.exists()  # nothing that looks finished, two stale temporaries
+    fig = plt.figure()
+    io.write_figure(fig, target)
+    plt.close(fig)
+    assert target.read_bytes().endswith(b"IEND\xaeB`\x82")
+    # the other output's temporary file is not this path's: it stays until that output is written
+    assert [p.name for p in tmp_path.glob(".*.tmp*")] == [n for n in left if n.startswith(".other.")]
+    # a folder written whole: a killed write's temporary folder goes with the next write
+    stale = tmp_path / f".figures.{'0' * 32}.tmp"
+    stale.mkdir()
+    (stale / "rna.png").write_bytes(b"half")
+    fig = plt.figure()
+    io.write_figures({"rna": fig}, tmp_path / "figures")
+    plt.close(fig)
+    assert not stale.exists() and (tmp_path / "figures" / "rna.png").exists()
 
 
 def test_synthetic_ingest_round_trips_through_h5mu(tmp_path, tiny_mdata):

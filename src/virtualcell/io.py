@@ -24,7 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from virtualcell.errors import InputError
-from virtualcell.files import atomic_write
+from virtualcell.files import atomic_write, remove_stale_temps
 from virtualcell import readers
 from virtualcell.readers import check_spots_in_images
 
@@ -92,6 +92,7 @@ def write_figures(figures: Mapping[str, Any], folder: str | Path) -> None:
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
     # mkdir, unlike mkdtemp (0700), gives the folder the mode the umask intends, as atomic_write does.
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir()
