@@ -3,9 +3,10 @@
 Run by hand: ``python bench/simulator_variants.py [--workdir DIR] [--variants default marginal_pca ...]
 [--seeds 1] [--cores 2]``. The first variant runs the whole default config with its override in
 ``DIR`` (a temporary folder unless given; a kept one is reused), then each next variant's
-``simulate:`` override reruns only the simulate, decode and evaluate jobs on the same ingested, QC'd and aligned cells (``--forcerun simulate``, so a variant
-whose settings equal the last run's is trained again rather than skipped; ``--rerun-triggers mtime``, so
-a kept folder whose upstream jobs last ran with other settings is not rerun whole). Every variant is scored
+``simulate:`` override reruns only the simulate, decode and evaluate jobs on the same ingested, QC'd and aligned cells (``--forcerun simulate decode``, so a
+variant whose settings equal the last run's is trained again rather than skipped, and the decoder, which
+reads ``simulate``'s batch size, epochs and width too, with it; ``--rerun-triggers mtime``, so a kept
+folder whose upstream jobs last ran with other settings is not rerun whole). Every variant is scored
 by the workflow's own evaluate job against the baselines and the oracle of the same run, so only
 the simulator differs. Appends one record to bench/results/simulator_variants.json and prints a
 table. ``evaluate.seeds`` is ``--seeds`` for every variant (1 by default: ~5 minutes a variant on 2
@@ -76,7 +77,8 @@ def run_variant(workdir: Path, name: str, seeds: int, cores: int) -> dict:
     override.write_text(yaml.safe_dump({"simulate": VARIANTS[name], "evaluate": {"seeds": seeds}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUALCELL_"))}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", str(cores),
-           "--forcerun", "simulate", "--rerun-triggers", "mtime", "--configfile", str(REPO / "config" / "config.yaml"), str(override)]
+           "--forcerun", "simulate", "decode", "--rerun-triggers", "mtime",
+           "--configfile", str(REPO / "config" / "config.yaml"), str(override)]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start

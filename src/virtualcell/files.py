@@ -61,7 +61,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
         return []
     own = re.compile(rf"\.{re.escape(path.stem)}\.[a-z0-9_]{{8}}\.tmp{re.escape(path.suffix)}"
                      rf"|\.{re.escape(path.name)}\.[0-9a-f]{{32}}\.(tmp|old)")
-    stale = [p for p in path.parent.glob(f".{path.stem}*") if own.fullmatch(p.name)]
+    stale = [p for p in path.parent.iterdir() if own.fullmatch(p.name)]  # no glob: a name may hold "[" or "*"
     for p in stale:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
