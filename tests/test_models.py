@@ -535,6 +535,27 @@ def test_velocity_field_potential_is_minus_the_gradient():
         VelocityField(3).potential(x, t)
 
 
+@pytest.mark.parametrize("potential", [False, True])
+def test_a_combination_drifts_by_the_control_plus_each_components_change(potential):
+    """A condition of several components (one embedding each) moves cells by the control's field plus
+    each component's change from it: two perturbations whose landscape terms add are predicted from
+    their singles alone. A masked (zero) component changes nothing, so a single is its own embedding."""
+    torch.manual_seed(0)
+    field = VelocityField(3, n_hidden=16, n_layers=2, potential=potential, n_condition=4)
+    x, t = torch.randn(7, 3), torch.rand(7)
+    a, b, zero = torch.randn(4), torch.randn(4), torch.zeros(4)
+    both = torch.stack([a, b])[None]  # one condition for all cells: (1, components, n_condition)
+    expected = field(x, t, a) + field(x, t, b) - field(x, t, zero)
+    torch.testing.assert_close(field(x, t, both), expected)
+    torch.testing.assert_close(field(x, t, torch.stack([a, zero])[None]), field(x, t, a))
+    torch.testing.assert_close(field(x, t, torch.stack([zero, zero])[None]), field(x, t, zero))
+    # per-cell conditions: a batch of a combination, a single and the control, each row as on its own
+    rows = torch.stack([torch.stack([a, b]), torch.stack([b, zero]), torch.stack([zero, zero])])
+    mixed = field(x[:3], t[:3], rows)
+    for k in range(3):
+        torch.testing.assert_close(mixed[k], field(x[k:k + 1], t[k:k + 1], rows[k][None])[0])
+
+
 def test_ode_loss_is_the_flow_matching_mse():
     torch.manual_seed(0)
     dynamics = Dynamics(2, n_hidden=8, n_layers=1)

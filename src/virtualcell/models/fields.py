@@ -143,7 +143,10 @@ class VelocityField(nn.Module):
         accepted and ignored.
     n_condition
         Width of a condition embedding the field also takes (``cond``, one row
-        per state or one for all); 0: none (the field of one process).
+        per state or one for all); 0: none (the field of one process). A
+        condition of several components (a combination) passes one embedding
+        per component, ``cond`` of shape (n or 1, components, n_condition),
+        and the field composes them additively (:meth:`forward`).
     """
 
     def __init__(
@@ -191,7 +194,23 @@ class VelocityField(nn.Module):
         return self.net(self._net_input(x, t, cond)).squeeze(-1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Field at states ``x`` (n, dim) and times ``t`` (scalar or (n,)), under condition ``cond``."""
+        """Field at states ``x`` (n, dim) and times ``t`` (scalar or (n,)), under condition ``cond``.
+
+        ``cond`` with a components axis (n or 1, k, n_condition) is composed additively: the field under
+        the zero embedding (the control's) plus each component's change from it, ``v(0) + sum_k (v(e_k) -
+        v(0))``. A landscape whose perturbations each add a term to the potential (two knock-downs of
+        different programmes, a drug beside a knock-down) has exactly such a drift, and a combination
+        predicted from its singles then needs no interaction the singles could not show; an MLP of the
+        summed embeddings (what a single embedding does) keeps no such structure. Components absent
+        from every row (zero embeddings) change nothing and are skipped, so a batch of single
+        conditions costs one pass.
+        """
+        if cond is not None and cond.dim() == 3:
+            parts = cond[:, cond.abs().amax(dim=(0, 2)) > 0]
+            if parts.shape[1] <= 1:
+                return self.forward(x, t, parts.sum(1))
+            base = self.forward(x, t, torch.zeros_like(parts[:, 0]))
+            return base + sum(self.forward(x, t, parts[:, k]) - base for k in range(parts.shape[1]))
         if not self.is_potential:
             return self.net(self._net_input(x, t, cond))
         # The graph through the gradient is only kept when the caller is

@@ -15,7 +15,9 @@ learned from its own cells (a one-hot), so a drug never seen cannot be predicted
 :class:`ConditionalDynamics` is the *dynamic* response: one stochastic process per condition,
 ``dX = f(X, t | condition) dt + g dW``, learned by score and flow matching (SF2M, as
 :class:`~virtualcell.models.dynamics.Simulator` is) from each condition's own time course, with
-the same composable condition embedding (the control's is zero: no components). Control cells
+the same condition encoder (the control's embedding is zero: no components), but composed in the
+drift rather than in the embedding: a combination's drift is the control's plus each single's change
+from it (a landscape whose perturbations each add a potential term has exactly that drift). Control cells
 at the first time point, simulated forward under a held-out condition's embedding, show where
 the landscape under that condition sends them.
 """
@@ -54,6 +56,11 @@ class ConditionField(nn.Module):
 
     ``features``: (batch, max_components, n_features); ``mask``: (batch, max_components), 1 for a
     component that is there.
+
+    A combination enters through the sum of its components' encodings. Summing the components' own
+    velocities instead (as :class:`ConditionDynamics` composes drifts) was measured and dropped: each
+    single's flow pulls cells toward its own endpoint distribution, undoing the other's displacement
+    (combination, 3 seeds: MSE on the top-20 DE genes 0.372 against 0.030, near no change's 0.394).
     """
 
     def __init__(self, n_dims: int, n_features: int, *, n_embed: int = 32, n_hidden: int = 128,
@@ -213,7 +220,8 @@ class ConditionalFlow(BaseModel):
 
 
 class ConditionDynamics(nn.Module):
-    """A condition encoder (summed over components) and the drift + score of :class:`Dynamics` given it.
+    """A condition encoder (one embedding per component) and the drift + score of :class:`Dynamics`
+    given them, composed additively over the components.
 
     The encoder has no biases (and SiLU(0) = 0), so a component whose features are all zero, a
     gene unrelated to every programme of the control cells, has the control's embedding: the prior
@@ -227,7 +235,9 @@ class ConditionDynamics(nn.Module):
         self.dynamics = Dynamics(n_dims, n_hidden=n_hidden, n_layers=n_layers, stochastic=True, n_condition=n_embed)
 
     def embed(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return (self.encoder(features) * mask.unsqueeze(-1)).sum(1)
+        """One embedding per component (n, components, n_embed), zero where masked: the networks
+        compose a combination's components additively (:meth:`VelocityField.forward`)."""
+        return self.encoder(features) * mask.unsqueeze(-1)
 
     def loss(self, x0, x1, t0, t1, s, noise, features, mask) -> dict[str, torch.Tensor]:
         return self.dynamics.loss(x0, x1, t0, t1, s, noise, cond=self.embed(features, mask))
