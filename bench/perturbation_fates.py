@@ -1,6 +1,7 @@
 """The dynamic response beside the static one and PRESCIENT's recipe: fate proportions of held-out conditions.
 
-Run by hand: ``python bench/perturbation_fates.py [--seeds 0 1 2] [--jobs 2] [--output PATH]``.
+Run by hand: ``python bench/perturbation_fates.py [--seeds 0 1 2] [--jobs 2] [--set KEY=VALUE ...] [--output PATH]``
+(``--set diffusion=0.5``: a ``perturb`` setting other than the config's, recorded with the run).
 
 Data: the built-in synthetic dataset of ``config/config.yaml`` (the control, 8 knock-downs, 2 drugs
 and a combination, 300 cells each, 6 time points), after QC with that config's defaults, made in a
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import datetime as dt
-import json
 import os
 import subprocess
 import sys
@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+import results_file  # bench/results_file.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "perturbation_fates.json"
@@ -58,6 +60,19 @@ def make_data(workdir: Path) -> tuple[Path, dict[str, Any], list[str]]:
     path = workdir / "qc.h5mu"
     io.write_h5mu(filtered, path)
     return path, dict(cfg["perturb"]), holdout_conditions("synthetic", spec)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["diffusion=0.5"]`` -> ``{"diffusion": 0.5}`` (values read as YAML)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. diffusion=0.5")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def one_job(path: str, condition: str, params: dict[str, Any], seed: int, workdir: str) -> dict[str, Any]:
@@ -99,11 +114,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="perturb settings other than config/config.yaml's, e.g. diffusion=0.5 dynamic_epochs=300")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args()
+    overrides = parse_overrides(args.overrides)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:
         path, params, held = make_data(Path(tmp))
+        unknown = sorted(set(overrides) - set(params))
+        if unknown:
+            parser.error(f"--set: {', '.join(unknown)} not in the config's perturb section ({', '.join(params)})")
+        params |= overrides
         print(f"held-out conditions {held}, seeds {args.seeds}, perturb params {params}", flush=True)
         tasks = [(str(path), c, params, s, tmp) for s in args.seeds for c in held]
         jobs = []
@@ -115,9 +137,9 @@ def main() -> None:
     summary = summarise(jobs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     result = {"date": dt.date.today().isoformat(), "commit": commit.strip(), "machine": f"{os.cpu_count()} CPU cores",
-              "params": params, "seeds": args.seeds, "held_out": held, "fate_error": summary, "jobs": jobs}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1))
+              "params": params, "overrides": overrides, "seeds": args.seeds, "held_out": held, "fate_error": summary,
+              "jobs": jobs}
+    results_file.append(args.output, result)
     for name, per in summary.items():
         print(f"{name}: " + ", ".join(f"{m} {v['mean']:.3f} ± {v['std']:.3f}" for m, v in sorted(per.items())))
     print(f"wrote {args.output}", file=sys.stderr)
