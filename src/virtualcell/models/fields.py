@@ -201,16 +201,12 @@ class VelocityField(nn.Module):
         v(0))``. A landscape whose perturbations each add a term to the potential (two knock-downs of
         different programmes, a drug beside a knock-down) has exactly such a drift, and a combination
         predicted from its singles then needs no interaction the singles could not show; an MLP of the
-        summed embeddings (what a single embedding does) keeps no such structure. Components absent
-        from every row (zero embeddings) change nothing and are skipped, so a batch of single
-        conditions costs one pass.
+        summed embeddings (what a single embedding does) keeps no such structure. A row of at most one
+        component (zero embeddings are absent ones) is its own embedding's field, so only the rows of
+        combinations pay the extra passes.
         """
         if cond is not None and cond.dim() == 3:
-            parts = cond[:, cond.abs().amax(dim=(0, 2)) > 0]
-            if parts.shape[1] <= 1:
-                return self.forward(x, t, parts.sum(1))
-            base = self.forward(x, t, torch.zeros_like(parts[:, 0]))
-            return base + sum(self.forward(x, t, parts[:, k]) - base for k in range(parts.shape[1]))
+            return self._composed(x, t, cond)
         if not self.is_potential:
             return self.net(self._net_input(x, t, cond))
         # The graph through the gradient is only kept when the caller is
@@ -223,6 +219,28 @@ class VelocityField(nn.Module):
             phi = self.potential(x, t, cond)
             (grad,) = torch.autograd.grad(phi.sum(), x, create_graph=create_graph)
         return -grad
+
+
+    def _composed(self, x: torch.Tensor, t: torch.Tensor | float, parts: torch.Tensor) -> torch.Tensor:
+        n, k = len(x), parts.shape[1]
+        if len(parts) == 1:  # one condition for every row (simulation)
+            parts = parts.expand(n, -1, -1)
+        multi = torch.nonzero((parts.abs().amax(dim=2) > 0).sum(1) > 1).flatten()
+        if len(multi) == 0:
+            return self.forward(x, t, parts.sum(1))
+        # One pass over every row (its summed embedding: exact for a single or the control) and, for the
+        # rows of combinations, the zero embedding and each component's: a pass per embedding costs
+        # more in per-call overhead than the rows themselves on CPU.
+        m = len(multi)
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        t_rows = t.reshape(-1).expand(n) if t.numel() == 1 else t.reshape(-1)
+        xs = torch.cat([x, x[multi].repeat(k + 1, 1)])
+        ts = torch.cat([t_rows, t_rows[multi].repeat(k + 1)])
+        cs = torch.cat([parts.sum(1), torch.zeros_like(parts[multi, 0]),
+                        parts[multi].transpose(0, 1).reshape(k * m, -1)])
+        out = self.forward(xs, ts, cs)
+        base, each = out[n:n + m], out[n + m:].reshape(k, m, -1)
+        return out[:n].index_put((multi,), base + (each - base).sum(0))
 
 
 class Dynamics(nn.Module):
