@@ -298,15 +298,21 @@ def test_predict_command_writes_an_h5ad(workflow_run, raw_cells, tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'logs.h5ad'}: values are not whole")
     assert not (tmp_path / "never.h5ad").exists()
     # what if: the cells under a drug that blocks differentiation stay progenitors more often than under the
-    # control (rollouts of the dynamic model under each condition's landscape)
+    # control (rollouts of the dynamic model under each condition's landscape); a drug that tilts toward fate A
     fates = {}
-    for condition in ("control", "drug_block"):
+    for condition in ("control", "drug_block", "drug_tilt", "drug_block+drug_tilt"):
         done = predict("cells.h5ad", f"{condition}.h5ad", "--condition", condition, "--n-rollouts", "3")
         assert done.returncode == 0, done.stderr[-3000:]
         out = ad.read_h5ad(tmp_path / f"{condition}.h5ad")
         assert out.uns["virtualcell"]["condition"] == condition
-        fates[condition] = out.obsm["fate_probabilities"]["progenitor"].mean()
-    assert fates["drug_block"] > fates["control"] + 0.1
+        fates[condition] = out.obsm["fate_probabilities"].mean()
+    assert fates["drug_block"]["progenitor"] > fates["control"]["progenitor"] + 0.1
+    # both drugs at once, never seen together: each keeps its effect (the combination's drift is the control's
+    # plus each drug's change): more progenitors than the tilt alone and than the control, more fate A than the block
+    both = fates["drug_block+drug_tilt"]
+    assert both["progenitor"] > fates["drug_tilt"]["progenitor"] + 0.03, fates
+    assert both["progenitor"] > fates["control"]["progenitor"], fates
+    assert both["fate_A"] > fates["drug_block"]["fate_A"] + 0.03, fates
     done = predict("cells.h5ad", "never.h5ad", "--condition", "aspirin")
     assert done.returncode == 1 and "'aspirin' is neither one of the model's" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "never.h5ad").exists()
