@@ -220,7 +220,6 @@ class VelocityField(nn.Module):
             (grad,) = torch.autograd.grad(phi.sum(), x, create_graph=create_graph)
         return -grad
 
-
     def _composed(self, x: torch.Tensor, t: torch.Tensor | float, parts: torch.Tensor) -> torch.Tensor:
         n, k = len(x), parts.shape[1]
         if len(parts) == 1:  # one condition for every row (simulation)
